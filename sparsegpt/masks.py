@@ -1,0 +1,87 @@
+"""Argument checks and mask helpers shared by SparseGPT and the baselines.
+
+Masks are boolean tensors of the weight's shape in which ``True`` marks a pruned
+weight. A *prior mask* is an earlier round's mask: its pruned weights stay pruned
+and the new mask is a superset of it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def check_sparsity(sparsity: float) -> None:
+    """Raise unless ``0 <= sparsity < 1``."""
+    if not (isinstance(sparsity, (int, float)) and 0 <= sparsity < 1):
+        raise ValueError(f"sparsity must be a fraction in [0, 1) (e.g. 0.5), got {sparsity!r}")
+
+
+def check_nm(prune_n: int, prune_m: int, cols: int, blocksize: int | None = None) -> None:
+    """Raise unless ``(prune_n, prune_m)`` is ``(0, 0)`` or a valid N:M for ``cols`` columns."""
+    if prune_n == 0 and prune_m == 0:
+        return
+    if not (isinstance(prune_n, int) and isinstance(prune_m, int) and 0 < prune_n < prune_m):
+        raise ValueError(
+            f"N:M sparsity needs integers 0 < N < M (e.g. 2:4 or 4:8), got {prune_n}:{prune_m}"
+        )
+    if cols % prune_m:
+        raise ValueError(
+            f"N:M sparsity {prune_n}:{prune_m} needs the input width ({cols}) to be a multiple of "
+            f"M={prune_m}; choose an M that divides {cols}"
+        )
+    if blocksize is not None and blocksize % prune_m:
+        raise ValueError(
+            f"blocksize ({blocksize}) must be a multiple of M={prune_m} so that N:M groups "
+            "do not straddle blocks; e.g. use blocksize 128"
+        )
+
+
+def check_prior_mask(prior: torch.Tensor | None, shape: torch.Size, max_pruned: int) -> None:
+    """Raise unless ``prior`` is a bool mask of ``shape`` with at most ``max_pruned`` True."""
+    if prior is None:
+        return
+    if prior.shape != shape or prior.dtype != torch.bool:
+        raise ValueError(
+            f"prior_mask must be a bool tensor of the weight's shape {tuple(shape)} (True = pruned), "
+            f"got {prior.dtype} {tuple(prior.shape)}"
+        )
+    npruned = int(prior.sum())
+    if npruned > max_pruned:
+        raise ValueError(
+            f"prior_mask already prunes {npruned} weights but the target allows {max_pruned}; "
+            "a mask only grows, so ask for a sparsity at least the prior one "
+            f"({npruned / prior.numel():.4f})"
+        )
+
+
+def target_count(numel: int, sparsity: float) -> int:
+    """Number of weights to prune for ``sparsity`` of ``numel`` (rounded to nearest)."""
+    return int(round(numel * sparsity))
+
+
+def nm_select(scores: torch.Tensor, prune_n: int, prune_m: int) -> torch.Tensor:
+    """Mask of the ``prune_n`` lowest scores in every group of ``prune_m`` columns.
+
+    ``scores`` is ``(rows, cols)`` with ``cols`` a multiple of ``prune_m``.
+    """
+    rows, cols = scores.shape
+    groups = scores.reshape(rows, cols // prune_m, prune_m)  # (rows, ngroups, m)
+    idx = torch.topk(groups, prune_n, dim=2, largest=False).indices
+    mask = torch.zeros_like(groups, dtype=torch.bool)
+    mask.scatter_(2, idx, True)
+    return mask.reshape(rows, cols)
+
+
+def nm_pattern_ok(mask: torch.Tensor, prune_n: int, prune_m: int) -> bool:
+    """True when every group of ``prune_m`` consecutive columns has at least ``prune_n`` pruned."""
+    rows, cols = mask.shape
+    per_group = mask.reshape(rows, cols // prune_m, prune_m).sum(dim=2)
+    return bool((per_group >= prune_n).all())
+
+
+def lowest_k(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Mask of the ``k`` lowest entries of ``scores`` (over all entries)."""
+    mask = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
+    if k > 0:
+        mask[torch.topk(scores.flatten(), k, largest=False).indices] = True
+    return mask.reshape(scores.shape)

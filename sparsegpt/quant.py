@@ -1,0 +1,78 @@
+"""The quantization grid of joint sparsification and quantization.
+
+Per-output-channel asymmetric min-max grid (as GPTQ and the SparseGPT reference
+compute it), optionally one grid per group of ``groupsize`` input columns. The grid
+is computed once from the layer's weights before pruning; `quantize` rounds to it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """How surviving weights are quantized during the solve."""
+
+    bits: int = 4
+    """Bits per weight, 2-8: ``2**bits`` levels per output channel (or group)."""
+    groupsize: int = 0
+    """Input columns per grid; 0 means one grid per output channel."""
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.bits, int) and 2 <= self.bits <= 8):
+            raise ValueError(f"wbits must be an integer in 2..8, got {self.bits!r}")
+        if not (isinstance(self.groupsize, int) and self.groupsize >= 0):
+            raise ValueError(f"groupsize must be 0 (per channel) or a positive integer, got {self.groupsize!r}")
+
+    @property
+    def maxq(self) -> int:
+        return 2**self.bits - 1
+
+
+@dataclass(frozen=True)
+class QuantGrid:
+    """Per-column scale and zero point, expanded to ``(rows, cols)`` views of group grids."""
+
+    scale: torch.Tensor
+    """``(rows, ngroups)`` step sizes."""
+    zero: torch.Tensor
+    """``(rows, ngroups)`` integer zero points, stored as float."""
+    maxq: int
+    """Largest integer level."""
+    groupsize: int
+    """Columns per group (``cols`` when per channel)."""
+
+    def column(self, j: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scale and zero of input column ``j``, each ``(rows,)``."""
+        g = j // self.groupsize
+        return self.scale[:, g], self.zero[:, g]
+
+
+def quant_grid(W: torch.Tensor, spec: QuantSpec) -> QuantGrid:
+    """Min-max grid of ``W`` ``(rows, cols)``; the range always includes 0.
+
+    ``scale = (max − min) / (2^bits − 1)``, ``zero = round(−min / scale)``; a group
+    whose weights are all zero gets the range [-1, 1] as in the reference code.
+    """
+    rows, cols = W.shape
+    gs = spec.groupsize or cols
+    if cols % gs:
+        raise ValueError(f"groupsize {gs} must divide the layer's {cols} input columns")
+    Wg = W.float().reshape(rows, cols // gs, gs)  # (rows, ngroups, gs)
+    xmin = Wg.amin(dim=2).clamp(max=0)
+    xmax = Wg.amax(dim=2).clamp(min=0)
+    both_zero = (xmin == 0) & (xmax == 0)
+    xmin[both_zero] = -1
+    xmax[both_zero] = 1
+    scale = (xmax - xmin) / spec.maxq
+    zero = torch.round(-xmin / scale)
+    return QuantGrid(scale=scale, zero=zero, maxq=spec.maxq, groupsize=gs)
+
+
+def quantize(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
+    """Round ``x`` to the grid: ``scale · (clamp(round(x/scale) + zero, 0, maxq) − zero)``."""
+    q = torch.clamp(torch.round(x / scale) + zero, 0, maxq)
+    return scale * (q - zero)

@@ -1,0 +1,206 @@
+"""The SparseGPT solve (Frantar & Alistarh 2023, Algorithm 1) for one linear layer.
+
+`sparsegpt_prune(W, H, ...)` prunes ``W`` ``(rows, cols)`` column by column against the
+Hessian ``H`` of its inputs: adaptive mask selection per block of ``blocksize``
+columns (unstructured) or per group of ``prune_m`` columns (N:M), the OBS error
+update inside the block and the lazy batched update of the columns after it,
+optionally quantizing the surviving weights inside the same loop.
+
+The column loop is blocked twice: each block of ``blocksize`` columns is split into
+sub-blocks of ``subblock`` columns. A column's OBS update touches only the rest of
+its sub-block (O(rows · subblock) work); the rest of the block and the rest of the
+layer are updated with one matrix product per sub-block and per block. This is the
+same arithmetic as the paper's loop, reordered into matrix products.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from sparsegpt.hessian import hessian_inverse
+from sparsegpt.masks import check_nm, check_prior_mask, check_sparsity, lowest_k, target_count
+from sparsegpt.quant import QuantGrid, QuantSpec, quant_grid, quantize
+
+
+@dataclass(frozen=True)
+class PruneResult:
+    """A pruned layer."""
+
+    weight: torch.Tensor
+    """``(rows, cols)`` pruned (and possibly quantized) weight, in the input's dtype and device."""
+    mask: torch.Tensor
+    """``(rows, cols)`` bool, True where a weight was pruned."""
+    loss: float
+    """The OBS loss the solve accumulated, ``½ Σ (w − q)² / [Hinv]_jj²``."""
+    percdamp: float
+    """The dampening actually used (larger than asked when retries were needed)."""
+
+    @property
+    def sparsity(self) -> float:
+        return float(self.mask.float().mean())
+
+
+def sparsegpt_prune(
+    W: torch.Tensor,
+    H: torch.Tensor,
+    sparsity: float = 0.5,
+    *,
+    prune_n: int = 0,
+    prune_m: int = 0,
+    blocksize: int = 128,
+    percdamp: float = 0.01,
+    quant: QuantSpec | None = None,
+    prior_mask: torch.Tensor | None = None,
+    name: str = "",
+    damp_retries: int = 0,
+    subblock: int = 16,
+) -> PruneResult:
+    """Prune ``W`` ``(rows, cols)`` with SparseGPT against ``H`` ``(cols, cols)``.
+
+    ``sparsity`` is the unstructured target (ignored when ``prune_n:prune_m`` is set).
+    ``quant`` turns on joint quantization; ``prior_mask`` (True = pruned) is kept
+    pruned and grown to the target. ``name`` appears in errors; ``damp_retries``
+    allows that many tenfold increases of ``percdamp`` when the Hessian is singular.
+    Runs on ``W``'s device in fp32; ``H`` is not modified.
+    """
+    rows, cols = W.shape
+    check_sparsity(sparsity)
+    check_nm(prune_n, prune_m, cols, blocksize)
+    if not (isinstance(blocksize, int) and blocksize > 0 and isinstance(subblock, int) and subblock > 0):
+        raise ValueError(f"blocksize and subblock must be positive integers, got {blocksize}, {subblock}")
+    if H.shape != (cols, cols):
+        raise ValueError(f"H must be ({cols}, {cols}) for a weight with {cols} input columns, got {tuple(H.shape)}")
+    target = rows * cols * prune_n // prune_m if prune_m else target_count(rows * cols, sparsity)
+    check_prior_mask(prior_mask, W.shape, target)
+
+    out_dtype = W.dtype
+    W = W.detach().to(torch.float32, copy=True)  # (rows, cols)
+    grid = quant_grid(W, quant) if quant is not None else None
+    Hinv, dead, used_damp = hessian_inverse(H.to(W.device), percdamp, name=name, damp_retries=damp_retries)
+    W[:, dead] = 0
+    prior = prior_mask.to(W.device) if prior_mask is not None else None
+    if prune_m:
+        # Sub-blocks hold whole N:M groups so that each group is chosen on up-to-date weights.
+        subblock = max(prune_m, subblock // prune_m * prune_m)
+    quota = _block_quotas(prior, rows, cols, blocksize, target) if not prune_m else None
+
+    mask = torch.zeros(rows, cols, dtype=torch.bool, device=W.device)
+    loss = torch.zeros((), dtype=torch.float32, device=W.device)
+    for b, i1 in enumerate(range(0, cols, blocksize)):
+        i2 = min(i1 + blocksize, cols)
+        W1 = W[:, i1:i2].clone()  # (rows, count)
+        Hinv1 = Hinv[i1:i2, i1:i2]  # (count, count), upper triangular
+        prior1 = prior[:, i1:i2] if prior is not None else None
+        if prune_m:
+            mask1 = torch.zeros_like(W1, dtype=torch.bool)
+        else:
+            mask1 = _select_unstructured(W1, Hinv1, prior1, quota[b])
+        Err1 = _solve_block(W1, Hinv1, mask1, prior1, prune_n, prune_m, subblock, grid, i1)
+        W[:, i1:i2] = W1
+        mask[:, i1:i2] = mask1
+        loss += torch.sum(Err1 * Err1) / 2
+        W[:, i2:].addmm_(Err1, Hinv[i1:i2, i2:], alpha=-1)
+    return PruneResult(weight=W.to(out_dtype), mask=mask, loss=float(loss), percdamp=used_damp)
+
+
+def _block_quotas(prior: torch.Tensor | None, rows: int, cols: int, blocksize: int, target: int) -> list[int]:
+    """New weights to prune in each block so that the layer hits ``target`` exactly.
+
+    The prunes still needed are spread over blocks in proportion to the weights each
+    block has left, rounding the running total, so per-block rounding never adds up.
+    """
+    starts = range(0, cols, blocksize)
+    if prior is None:
+        free = [rows * (min(i + blocksize, cols) - i) for i in starts]
+        needed = target
+    else:
+        pruned_per_col = prior.sum(dim=0)
+        free = [rows * (min(i + blocksize, cols) - i) - int(pruned_per_col[i : i + blocksize].sum()) for i in starts]
+        needed = target - int(prior.sum())
+    total_free = sum(free)
+    quotas, done, cum = [], 0, 0
+    for f in free:
+        cum += f
+        upto = int(round(needed * cum / total_free)) if total_free else 0
+        quotas.append(upto - done)
+        done = upto
+    return quotas
+
+
+def _select_unstructured(
+    W1: torch.Tensor, Hinv1: torch.Tensor, prior1: torch.Tensor | None, k: int
+) -> torch.Tensor:
+    """The block's mask: its prior mask plus the ``k`` lowest ``w² / [Hinv]_jj²`` elsewhere."""
+    scores = W1.square() / torch.diag(Hinv1).square().unsqueeze(0)  # (rows, count)
+    if prior1 is None:
+        return lowest_k(scores, k)
+    scores.masked_fill_(prior1, float("inf"))
+    return lowest_k(scores, k) | prior1
+
+
+def _solve_block(
+    W1: torch.Tensor,
+    Hinv1: torch.Tensor,
+    mask1: torch.Tensor,
+    prior1: torch.Tensor | None,
+    prune_n: int,
+    prune_m: int,
+    subblock: int,
+    grid: QuantGrid | None,
+    col0: int,
+) -> torch.Tensor:
+    """Run the OBS column loop over one block in place; return its errors ``(rows, count)``.
+
+    On return ``W1`` holds the final pruned/quantized weights of the block and, for
+    N:M, ``mask1`` holds the groups chosen on the way.
+    """
+    count = W1.shape[1]
+    d = torch.diag(Hinv1)  # (count,)
+    Err1 = torch.zeros_like(W1)
+    # scaled[:, j] = mask[:, j] / d_j, so that err_j = w_j * scaled[:, j] without quantization.
+    scaled = mask1.to(W1.dtype) / d.unsqueeze(0) if not prune_m else torch.zeros_like(W1)
+    for s1 in range(0, count, subblock):
+        s2 = min(s1 + subblock, count)
+        for j in range(s1, s2):
+            if prune_m and j % prune_m == 0:
+                _select_nm_group(W1, d, mask1, prior1, scaled, j, prune_n, prune_m)
+            w = W1[:, j]
+            if grid is None:
+                torch.mul(w, scaled[:, j], out=Err1[:, j])
+            else:
+                scale, zero = grid.column(col0 + j)
+                q = quantize(w.masked_fill(mask1[:, j], 0), scale, zero, grid.maxq)
+                torch.div(w - q, d[j], out=Err1[:, j])
+                W1[:, j] = q
+            if j + 1 < s2:
+                W1[:, j + 1 : s2].addr_(Err1[:, j], Hinv1[j, j + 1 : s2], alpha=-1)
+        if s2 < count:
+            W1[:, s2:].addmm_(Err1[:, s1:s2], Hinv1[s1:s2, s2:], alpha=-1)
+    W1.masked_fill_(mask1, 0)
+    return Err1
+
+
+def _select_nm_group(
+    W1: torch.Tensor,
+    d: torch.Tensor,
+    mask1: torch.Tensor,
+    prior1: torch.Tensor | None,
+    scaled: torch.Tensor,
+    j: int,
+    prune_n: int,
+    prune_m: int,
+) -> None:
+    """Choose the ``prune_n`` lowest-scoring weights of the group starting at column ``j``."""
+    g = slice(j, j + prune_m)
+    scores = W1[:, g].square() / d[g].square().unsqueeze(0)  # (rows, m)
+    if prior1 is not None:
+        scores.masked_fill_(prior1[:, g], float("-inf"))
+    idx = torch.topk(scores, prune_n, dim=1, largest=False).indices
+    gmask = mask1[:, g]
+    gmask.scatter_(1, idx, True)
+    if prior1 is not None:
+        gmask |= prior1[:, g]
+    mask1[:, g] = gmask
+    scaled[:, g] = gmask.to(scaled.dtype) / d[g].unsqueeze(0)

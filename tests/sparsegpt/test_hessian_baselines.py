@@ -1,0 +1,101 @@
+"""Hessian accumulation, the baselines, and OWL allocation vs direct computations."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sparsegpt import (
+    accumulate_hessian,
+    magnitude_prune,
+    nm_pattern_ok,
+    outlier_ratio,
+    owl_sparsities,
+    quant_grid,
+    QuantSpec,
+    wanda_prune,
+)
+
+
+def test_running_hessian_equals_batch_mean():
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randn(b, 16, 24, generator=g, dtype=torch.float64).to(torch.bfloat16) for b in (3, 1, 5)]
+    H, n = None, 0
+    for x in batches:
+        H, n = accumulate_hessian(H, x, n)
+    X = torch.cat([x.double() for x in batches]).reshape(-1, 24)
+    expected = 2 / 9 * X.T @ X
+    assert n == 9 and H.dtype == torch.float32
+    torch.testing.assert_close(H.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_two_dim_input_counts_as_one_sample():
+    x = torch.randn(10, 8)
+    H, n = accumulate_hessian(None, x, 0)
+    assert n == 1
+    torch.testing.assert_close(H, 2 * x.T @ x)
+
+
+def test_hessian_shape_mismatch_is_reported():
+    with pytest.raises(ValueError, match="expected"):
+        accumulate_hessian(torch.zeros(4, 4), torch.randn(2, 3, 5), 1)
+
+
+def test_magnitude_prunes_smallest_of_layer():
+    W = torch.randn(20, 40)
+    res = magnitude_prune(W, 0.3)
+    k = round(800 * 0.3)
+    assert int(res.mask.sum()) == k
+    assert W.abs()[res.mask].max() <= W.abs()[~res.mask].min()
+    nm = magnitude_prune(W, prune_n=2, prune_m=4)
+    assert nm_pattern_ok(nm.mask, 2, 4) and int(nm.mask.sum()) == 400
+
+
+def test_wanda_is_per_row_with_input_norms():
+    g = torch.Generator().manual_seed(1)
+    W = torch.randn(16, 32, generator=g)
+    norms = torch.rand(32, generator=g) * 10
+    res = wanda_prune(W, norms, 0.5)
+    score = W.abs() * norms.sqrt()
+    assert torch.all(res.mask.sum(dim=1) == 16)
+    for r in range(16):
+        assert score[r][res.mask[r]].max() <= score[r][~res.mask[r]].min()
+    nm = wanda_prune(W, norms, prune_n=2, prune_m=4)
+    assert nm_pattern_ok(nm.mask, 2, 4)
+
+
+def test_baselines_keep_prior_mask():
+    W = torch.randn(16, 32)
+    prior = magnitude_prune(W, 0.25).mask
+    for res in (magnitude_prune(W, 0.5, prior_mask=prior), wanda_prune(W, torch.ones(32), 0.5, prior_mask=prior)):
+        assert torch.all(res.mask[prior]) and int(res.mask.sum()) == 256
+
+
+def test_owl_allocation():
+    ratios = [0.01, 0.05, 0.02, 0.03]
+    s = owl_sparsities(ratios, 0.7, lam=0.08)
+    assert sum(s) / 4 == pytest.approx(0.7)
+    assert max(s) - min(s) == pytest.approx(0.16)  # the spread is 2λ, as in the authors' code
+    assert all(0.7 - 0.16 <= x <= 0.7 + 0.16 for x in s)
+    assert s[1] < s[3] < s[2] < s[0]  # more outliers, lower sparsity
+    assert owl_sparsities([0.1, 0.1], 0.5) == [0.5, 0.5]
+    with pytest.raises(ValueError, match="lambda"):
+        owl_sparsities(ratios, 0.5, lam=1.5)
+
+
+def test_outlier_ratio_counts_large_scores():
+    W = torch.ones(10, 10)
+    norms = torch.ones(10)
+    norms[0] = 10_000.0  # column 0 scores 100, the rest 1; mean 10.9; 5x mean = 54.5
+    assert outlier_ratio(W, norms) == pytest.approx(0.1)
+
+
+def test_quant_grid_includes_zero_and_groups():
+    W = torch.tensor([[1.0, 2.0, 3.0, 4.0], [-1.0, -2.0, 0.5, 0.0]])
+    grid = quant_grid(W, QuantSpec(bits=2))
+    # Row 0: range [0, 4] (0 forced in), scale 4/3, zero 0.
+    assert grid.scale[0, 0] == pytest.approx(4 / 3) and grid.zero[0, 0] == 0
+    grouped = quant_grid(W, QuantSpec(bits=2, groupsize=2))
+    assert grouped.scale.shape == (2, 2)
+    with pytest.raises(ValueError, match="groupsize"):
+        quant_grid(W, QuantSpec(bits=2, groupsize=3))
