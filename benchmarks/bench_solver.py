@@ -1,0 +1,155 @@
+"""Benchmark of the algorithm core: SparseGPT solve, Hessian accumulation, plain matmul.
+
+For each linear shape (Llama-7B's and the embedded SmolLM2-135M's) it times
+`sparsegpt.sparsegpt_prune` next to a straightforward implementation of the paper's
+Algorithm 1 (one column at a time, lazy block updates: the yardstick), and the
+Hessian accumulation of calibration tokens of the same input width next to a plain
+square matmul of this machine. Prints seconds and effective GFLOP/s.
+
+    python benchmarks/bench_solver.py                 # all shapes, CPU
+    python benchmarks/bench_solver.py --small         # only the embedded model's shapes
+    python benchmarks/bench_solver.py --device cuda --dtype float16
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from sparsegpt import accumulate_hessian, sparsegpt_prune
+
+LLAMA_7B = [(4096, 4096), (11008, 4096), (4096, 11008)]
+SMOLLM2 = [(576, 576), (192, 576), (1536, 576), (576, 1536)]
+
+
+def paper_algorithm_1(W: torch.Tensor, H: torch.Tensor, sparsity: float, blocksize: int = 128, percdamp: float = 0.01):
+    """The yardstick: the paper's Algorithm 1 as the authors wrote it (fasterprune)."""
+    W = W.clone().float()
+    rows, cols = W.shape
+    H = H.clone()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    damp = percdamp * torch.mean(torch.diag(H))
+    diag = torch.arange(cols, device=W.device)
+    H[diag, diag] += damp
+    H = torch.linalg.cholesky(H)
+    H = torch.cholesky_inverse(H)
+    Hinv = torch.linalg.cholesky(H, upper=True)
+    for i1 in range(0, cols, blocksize):
+        i2 = min(i1 + blocksize, cols)
+        count = i2 - i1
+        W1 = W[:, i1:i2].clone()
+        Q1 = torch.zeros_like(W1)
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        tmp = W1**2 / (torch.diag(Hinv1).reshape((1, -1))) ** 2
+        thresh = torch.sort(tmp.flatten())[0][int(tmp.numel() * sparsity)]
+        mask1 = tmp <= thresh
+        for i in range(count):
+            w = W1[:, i]
+            d = Hinv1[i, i]
+            q = w.clone()
+            q[mask1[:, i]] = 0
+            Q1[:, i] = q
+            err1 = (w - q) / d
+            W1[:, i:] -= err1.unsqueeze(1).matmul(Hinv1[i, i:].unsqueeze(0))
+            Err1[:, i] = err1
+        W[:, i1:i2] = Q1
+        W[:, i2:] -= Err1.matmul(Hinv[i1:i2, i2:])
+    return W
+
+
+def timed(fn, device: torch.device, repeats: int) -> float:
+    """Best wall time of ``repeats`` calls, after one warm-up."""
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def realistic_hessian(cols: int, device: torch.device) -> torch.Tensor:
+    g = torch.Generator(device="cpu").manual_seed(cols)
+    X = torch.randn(4096, cols, generator=g) @ (torch.randn(cols, cols, generator=g) / cols**0.5)
+    X = X * torch.exp(torch.randn(cols, generator=g))
+    H, _ = accumulate_hessian(None, X.to(device), 0)
+    return H
+
+
+def bench_solve(rows: int, cols: int, args, device: torch.device) -> None:
+    W = (torch.randn(rows, cols) / cols**0.5).to(device=device, dtype=getattr(torch, args.dtype))
+    H = realistic_hessian(cols, device)
+    flops = rows * cols * (cols + args.blocksize) + cols**3  # lazy updates + in-block updates + Cholesky
+    ours = timed(lambda: sparsegpt_prune(W, H, 0.5, blocksize=args.blocksize), device, args.repeats)
+    ref = timed(lambda: paper_algorithm_1(W, H, 0.5, blocksize=args.blocksize), device, args.repeats)
+    print(
+        f"solve   {rows:>6}x{cols:<6} ours {ours:8.3f} s {flops / ours / 1e9:8.1f} GFLOP/s | "
+        f"Algorithm 1 {ref:8.3f} s {flops / ref / 1e9:8.1f} GFLOP/s | speed-up {ref / ours:5.2f}x"
+    )
+
+
+def bench_hessian(cols: int, args, device: torch.device, matmul_gflops: float) -> None:
+    seqlen = 2048
+    x = torch.randn(1, seqlen, cols, device=device, dtype=getattr(torch, args.dtype))
+
+    def run() -> None:
+        H, n = None, 0
+        for _ in range(args.hessian_samples):
+            H, n = accumulate_hessian(H, x, n)
+
+    secs = timed(run, device, args.repeats)
+    flops = 2 * cols * cols * seqlen * args.hessian_samples
+    rate = flops / secs / 1e9
+    full = secs * 128 / args.hessian_samples
+    print(
+        f"hessian {cols:>6} cols  {args.hessian_samples}x{seqlen} tokens {secs:8.3f} s {rate:8.1f} GFLOP/s "
+        f"({100 * rate / matmul_gflops:5.1f}% of matmul; 128x2048 tokens: {full:.1f} s"
+        f"{' projected' if args.hessian_samples != 128 else ''})"
+    )
+
+
+def bench_matmul(args, device: torch.device) -> float:
+    n = args.matmul_size
+    a = torch.randn(n, n, device=device)
+    b = torch.randn(n, n, device=device)
+    secs = timed(lambda: a @ b, device, args.repeats)
+    rate = 2 * n**3 / secs / 1e9
+    print(f"matmul  {n}x{n}x{n} fp32 {secs:8.4f} s {rate:8.1f} GFLOP/s  (the machine's plain matmul)")
+    return rate
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default="float32", help="weight dtype (float16/bfloat16 on GPU); H is always fp32")
+    p.add_argument("--small", action="store_true", help="only the embedded model's shapes")
+    p.add_argument("--blocksize", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--hessian-samples", type=int, default=None, help="calibration samples of 2048 tokens (default 128 on GPU, 8 on CPU)")
+    p.add_argument("--matmul-size", type=int, default=None)
+    args = p.parse_args()
+    device = torch.device(args.device)
+    args.hessian_samples = args.hessian_samples or (128 if device.type == "cuda" else 8)
+    args.matmul_size = args.matmul_size or (8192 if device.type == "cuda" else 2048)
+    torch.manual_seed(0)
+    print(f"device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else f'{torch.get_num_threads()} threads'}), "
+          f"torch {torch.__version__}, weights {args.dtype}, Hessian fp32")
+    matmul = bench_matmul(args, device)
+    shapes = SMOLLM2 if args.small else SMOLLM2 + LLAMA_7B
+    for cols in sorted({c for _, c in shapes}):
+        bench_hessian(cols, args, device, matmul)
+    for rows, cols in shapes:
+        bench_solve(rows, cols, args, device)
+
+
+if __name__ == "__main__":
+    main()
