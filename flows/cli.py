@@ -1,0 +1,137 @@
+"""The `sparsegpt` command line: prune, eval, status.
+
+    sparsegpt prune MODEL --run-dir runs/x --sparsity 0.5 [--nm 2:4] [--method wanda] ...
+    sparsegpt eval MODEL --eval SPEC [--eval SPEC ...] [--seqlen 2048 --eval-windows N]
+    sparsegpt status runs/x
+
+Bad input ends with one line `error: ...` naming the problem and the fix, exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import fields
+from pathlib import Path
+
+T0 = time.perf_counter()
+
+
+def _prefect_env() -> None:
+    """Defaults that keep Prefect's start-up small and quiet; a configured server is reused."""
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _add_prune(sub: argparse._SubParsersAction) -> None:
+    from stages.config import PruneConfig
+
+    p = sub.add_parser("prune", help="prune a model one-shot into a run directory (resumable)")
+    p.add_argument("model", help="local HF directory, hub id, or smollm2-135m (embedded default)")
+    p.add_argument("--run-dir", required=True, help="run directory; rerun the same command to resume")
+    p.add_argument("--method", choices=("sparsegpt", "wanda", "magnitude"), default="sparsegpt")
+    p.add_argument("--sparsity", type=float, default=0.5)
+    p.add_argument("--nm", default=None, help="semi-structured N:M pattern, e.g. 2:4")
+    p.add_argument("--wbits", type=int, default=16, help="joint quantization bits (2-8); 16 = none")
+    p.add_argument("--calib", default="pydoc", help="calibration SPEC: wikitext2[=PATH], c4[=PATH], ptb[=PATH], "
+                   "text=PATH, jsonl=PATH[:field], parquet=PATH[:field], pydoc (embedded)")
+    for name, typ in (("nsamples", int), ("seqlen", int), ("seed", int), ("blocksize", int), ("percdamp", float),
+                      ("damp-retries", int), ("batch-size", int), ("keep-acts", int), ("eval-batch-size", int)):
+        default = {f.name: f.default for f in fields(PruneConfig)}[name.replace("-", "_")]
+        p.add_argument(f"--{name}", type=typ, default=default)
+    p.add_argument("--owl", action="store_true", help="OWL per-block sparsity allocation")
+    p.add_argument("--owl-lambda", type=float, default=0.08)
+    p.add_argument("--eval", action="append", default=[], metavar="SPEC", help="evaluation SPEC (repeatable)")
+    p.add_argument("--eval-seqlen", type=int, default=None, help="defaults to --seqlen")
+    p.add_argument("--eval-windows", type=int, default=None, help="evaluate only the first N windows")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--trust-remote-code", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="perplexity of a model on dataset SPECs")
+    p.add_argument("model")
+    p.add_argument("--eval", action="append", required=True, metavar="SPEC")
+    p.add_argument("--seqlen", type=int, default=2048)
+    p.add_argument("--eval-windows", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--trust-remote-code", action="store_true")
+
+
+def _prune(args: argparse.Namespace) -> int:
+    from stages.config import PruneConfig
+
+    cfg = PruneConfig(
+        model=args.model, run_dir=args.run_dir, method=args.method, sparsity=args.sparsity, nm=args.nm,
+        wbits=args.wbits, calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
+        blocksize=args.blocksize, percdamp=args.percdamp, damp_retries=args.damp_retries, owl=args.owl,
+        owl_lambda=args.owl_lambda, trust_remote_code=args.trust_remote_code, eval=tuple(args.eval),
+        eval_seqlen=args.eval_seqlen, eval_windows=args.eval_windows, eval_batch_size=args.eval_batch_size,
+        device=args.device, batch_size=args.batch_size, keep_acts=args.keep_acts, progress=not args.no_progress,
+    )
+    t_import = time.perf_counter()
+    from flows.oneshot import metrics_markdown, oneshot
+
+    startup = time.perf_counter() - T0
+    t_flow = time.perf_counter()
+    metrics = oneshot(cfg)
+    total = time.perf_counter() - T0
+    print()
+    print(metrics_markdown(metrics, cfg))
+    stages = ", ".join(f"{k} {v:.1f}s" for k, v in metrics["timings"].items())
+    evals = sum(m.get("seconds", 0) + m.get("dense_seconds", 0) for m in metrics.values() if isinstance(m, dict))
+    print(f"\ntimings: start-up (imports) {startup:.1f}s, flow {time.perf_counter() - t_flow:.1f}s "
+          f"[{stages}, evaluate {evals:.1f}s], total {total:.1f}s")
+    print(f"pruned model: {Path(cfg.run_dir) / 'model'}   metrics: {Path(cfg.run_dir) / 'eval' / 'metrics.json'}")
+    del t_import
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from flows.evaluate import evaluate
+
+    res = evaluate(args.model, args.eval, args.seqlen, args.eval_windows, args.device, args.batch_size,
+                   args.trust_remote_code)
+    print("| dataset | windows x seqlen | ppl |\n|---|---|---|")
+    for label, m in res.items():
+        print(f"| {label} | {m['windows']} x {m['seqlen']} | {m['ppl']:.2f} |")
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    from stages.status import run_status
+
+    print(run_status(Path(args.run_dir)))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    _prefect_env()
+    parser = argparse.ArgumentParser(prog="sparsegpt", description="SparseGPT pruning of Hugging Face causal LMs")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_prune(sub)
+    _add_eval(sub)
+    st = sub.add_parser("status", help="what is done and left in a run directory")
+    st.add_argument("run_dir")
+    args = parser.parse_args(argv)
+    from stages.rundir import RunError
+
+    try:
+        return {"prune": _prune, "eval": _eval, "status": _status}[args.command](args)
+    except (ValueError, RunError, FileNotFoundError) as exc:
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,109 @@
+"""Evaluation stage: perplexity of a checkpoint, block by block, and the run's metrics.
+
+`blockwise_perplexity` evaluates a model the way it is pruned: the inputs of block 0
+are captured for all windows, then every block is loaded alone and run over them, and
+the model's head turns the last hidden states into losses. Peak memory is one block
+plus one boundary of activations, whatever the depth. `evaluate_run` writes
+`eval/metrics.json` for a pruned run: dense and pruned perplexity for every eval SPEC,
+the achieved sparsity overall and per layer, and timings.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from stages.blocks import load_block, run_block, skeleton
+from stages.capture import Head, capture_inputs
+from stages.config import PruneConfig
+from stages.data import parse_spec
+from stages.models import load_tokenizer
+from stages.perplexity import Perplexity, eval_windows, window_losses
+from stages.rundir import atomic_write_json, verify_record, write_record
+
+
+@torch.no_grad()
+def blockwise_perplexity(
+    model_dir: Path,
+    windows: torch.Tensor,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    batch_size: int = 4,
+    progress: bool = False,
+    desc: str = "eval",
+    trust_remote_code: bool = False,
+) -> Perplexity:
+    """Perplexity of the checkpoint in ``model_dir`` over ``windows`` ``(nwin, seqlen)``."""
+    nwin, seqlen = windows.shape
+    hidden, kwargs = capture_inputs(model_dir, windows, device, dtype, batch_size, trust_remote_code)
+    n_blocks = skeleton(model_dir, trust_remote_code).num_blocks
+    for i in tqdm(range(n_blocks), desc=desc, disable=not progress, leave=False):
+        block = load_block(model_dir, i, device, dtype, trust_remote_code)
+        for j in range(0, nwin, batch_size):
+            x = hidden[j : j + batch_size].to(device)
+            hidden[j : j + batch_size] = run_block(block, x, kwargs).to("cpu")
+        del block
+    head = Head(model_dir, device, dtype, trust_remote_code)
+    total = 0.0
+    for j in range(0, nwin, batch_size):
+        logits = head(hidden[j : j + batch_size])
+        total += float((window_losses(logits, windows[j : j + batch_size]).double() * seqlen).sum())
+    return Perplexity(ppl=math.exp(total / (nwin * seqlen)), windows=nwin, seqlen=seqlen)
+
+
+def perplexity_cached(
+    model_dir: Path,
+    spec: str,
+    seqlen: int,
+    max_windows: int | None,
+    cache: Path,
+    cfg: PruneConfig,
+    dtype: torch.dtype,
+    desc: str,
+) -> dict:
+    """Perplexity of one checkpoint on one SPEC, stored in ``cache`` (a done-record) for reruns."""
+    done = verify_record(cache)
+    if done is not None:
+        return done
+    tok = load_tokenizer(model_dir, cfg.trust_remote_code)
+    windows = eval_windows(tok, spec, seqlen, max_windows)
+    t0 = time.perf_counter()
+    res = blockwise_perplexity(model_dir, windows, cfg.device, dtype, cfg.eval_batch_size, cfg.progress, desc, cfg.trust_remote_code)
+    out = {**res.to_dict(), "seconds": time.perf_counter() - t0}
+    write_record(cache, out, [])
+    return out
+
+
+def sparsity_report(records: list[dict]) -> dict:
+    """Achieved sparsity overall and per layer, from the block records."""
+    per_layer, zeros, total = {}, 0.0, 0
+    for rec in records:
+        for name, st in rec["layers"].items():
+            n = st["shape"][0] * st["shape"][1]
+            per_layer[f"{rec['block']}.{name}"] = st["sparsity"]
+            zeros += st["sparsity"] * n
+            total += n
+    return {"overall": zeros / total if total else 0.0, "per_layer": per_layer}
+
+
+def evaluate_run(cfg: PruneConfig, run, dtype: torch.dtype, records: list[dict], timings: dict) -> dict:
+    """Dense vs pruned perplexity for every eval SPEC; write eval/metrics.json."""
+    seqlen = cfg.eval_seqlen or cfg.seqlen
+    out_dir = run.root / "eval"
+    metrics: dict = {}
+    for spec in cfg.eval:
+        label = parse_spec(spec).label
+        key = f"{label}-s{seqlen}-w{cfg.eval_windows or 'all'}"
+        dense = perplexity_cached(run.model_dir, spec, seqlen, cfg.eval_windows, out_dir / f"dense-{key}.json", cfg, dtype, f"dense {label}")
+        pruned = perplexity_cached(run.model, spec, seqlen, cfg.eval_windows, out_dir / f"pruned-{key}.json", cfg, dtype, f"pruned {label}")
+        metrics[label] = {**{k: pruned[k] for k in ("ppl", "windows", "seqlen")}, "dense_ppl": dense["ppl"],
+                          "seconds": pruned["seconds"], "dense_seconds": dense["seconds"]}
+    metrics["sparsity"] = sparsity_report(records)
+    metrics["timings"] = timings
+    metrics["config"] = cfg.to_dict()
+    atomic_write_json(out_dir / "metrics.json", metrics)
+    return metrics

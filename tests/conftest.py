@@ -1,0 +1,105 @@
+"""Shared fixtures: tiny random causal LMs of real architectures, saved as HF checkpoints.
+
+`tiny_model_dir` is parametrized over Llama (untied lm_head, rotary), OPT (learned
+positions, project_in/out, biases, tied) and GPT-2 (Conv1D, tied); `tiny_llama_dir`
+is the Llama one alone. `tiny_model_factory(kind, max_shard_size=..., tied=...)` builds
+variants; `smollm2_dir` is the real embedded model (for tests marked slow). Each
+folder holds config.json, model.safetensors (or shards + index) and a character-level
+tokenizer (vocab < 128), so it can be used like a downloaded model.
+"""
+
+import string
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from transformers import (
+    AutoModelForCausalLM,
+    GPT2Config,
+    LlamaConfig,
+    OPTConfig,
+    PretrainedConfig,
+    PreTrainedTokenizerFast,
+)
+
+TINY_VOCAB = 128
+SPECIALS = ["<unk>", "<s>", "</s>"]
+
+
+def tiny_config(kind: str, tied: bool | None = None) -> PretrainedConfig:
+    """A 3-layer config of `kind` ('llama', 'opt', 'gpt2') with hidden size 32 and vocab 128."""
+    common = dict(vocab_size=TINY_VOCAB, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    if tied is not None:
+        common["tie_word_embeddings"] = tied
+    if kind == "llama":
+        return LlamaConfig(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=64, **common,
+        )  # fmt: skip
+    if kind == "opt":
+        return OPTConfig(
+            hidden_size=32, ffn_dim=64, num_hidden_layers=3, num_attention_heads=4,
+            max_position_embeddings=64, word_embed_proj_dim=16, **common,
+        )  # fmt: skip
+    if kind == "gpt2":
+        return GPT2Config(n_embd=32, n_layer=3, n_head=4, n_positions=64, **common)
+    raise ValueError(f"unknown tiny model kind {kind!r}")
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """Character-level tokenizer over printable ASCII plus <unk>, <s>, </s> (ids < 128)."""
+    chars = [c for c in string.printable if c not in "\t\n\r\x0b\x0c"] + ["\n"]
+    vocab = {tok: i for i, tok in enumerate(SPECIALS + chars)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+
+
+def save_tiny_model(
+    kind: str, folder: Path, max_shard_size: str | None = None, tied: bool | None = None, seed: int = 0
+) -> Path:
+    """Build a seeded random model of `kind` and save it (safetensors) with the tiny tokenizer."""
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(kind, tied)).eval()
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(folder, **kwargs)
+    tiny_tokenizer().save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_model_factory(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
+    """`factory(kind, max_shard_size=None, tied=None, seed=0) -> Path`, cached per arguments."""
+    cache: dict[tuple, Path] = {}
+
+    def factory(kind: str, max_shard_size: str | None = None, tied: bool | None = None, seed: int = 0) -> Path:
+        key = (kind, max_shard_size, tied, seed)
+        if key not in cache:
+            folder = tmp_path_factory.mktemp(f"tiny-{kind}")
+            cache[key] = save_tiny_model(kind, folder, max_shard_size, tied, seed)
+        return cache[key]
+
+    return factory
+
+
+@pytest.fixture(scope="session", params=["llama", "opt", "gpt2"])
+def tiny_model_dir(request: pytest.FixtureRequest, tiny_model_factory: Callable[..., Path]) -> Path:
+    """A saved tiny model, once per architecture."""
+    return tiny_model_factory(request.param)
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """The embedded SmolLM2-135M as safetensors (converted on first use into the default cache; slow)."""
+    from stages.models import DEFAULT_MODEL, resolve_model
+
+    return resolve_model(DEFAULT_MODEL)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tiny_model_factory: Callable[..., Path]) -> Path:
+    """The saved tiny Llama."""
+    return tiny_model_factory("llama")
