@@ -42,9 +42,28 @@ def accumulate_hessian(
             "for inputs with that many columns"
         )
     n_new = n + batch
-    # H <- H * n/(n+b) + (2/(n+b)) xᵀx in one GEMM call.
-    H.addmm_(x.t(), x, beta=n / n_new, alpha=2.0 / n_new)
+    beta, alpha = n / n_new, 2.0 / n_new
+    parts = _symmetric_parts(cols)
+    if parts == 1:
+        H.addmm_(x.t(), x, beta=beta, alpha=alpha)  # H <- H·n/(n+b) + (2/(n+b)) xᵀx
+        return H, n_new
+    # H is symmetric: compute the diagonal and upper blocks with GEMMs, mirror the rest.
+    edges = [cols * k // parts for k in range(parts + 1)]
+    for a in range(parts):
+        ra = slice(edges[a], edges[a + 1])
+        for b in range(a, parts):
+            rb = slice(edges[b], edges[b + 1])
+            H[ra, rb].addmm_(x[:, ra].t(), x[:, rb], beta=beta, alpha=alpha)
+            if b > a:
+                H[rb, ra].copy_(H[ra, rb].t())
     return H, n_new
+
+
+def _symmetric_parts(cols: int) -> int:
+    """Column blocks for the symmetric update: each split saves GEMM work once blocks stay large."""
+    if cols >= 4096:
+        return 4
+    return 2 if cols >= 1024 else 1
 
 
 def hessian_inverse(

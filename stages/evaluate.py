@@ -49,9 +49,9 @@ def blockwise_perplexity(
         del block
     head = Head(model_dir, device, dtype, trust_remote_code)
     total = 0.0
-    for j in range(0, nwin, batch_size):
-        logits = head(hidden[j : j + batch_size])
-        total += float((window_losses(logits, windows[j : j + batch_size]).double() * seqlen).sum())
+    for j in range(nwin):  # one window at a time: logits are (seqlen, vocab), the largest tensor here
+        logits = head(hidden[j : j + 1])
+        total += float(window_losses(logits, windows[j : j + 1]).double().sum()) * seqlen
     return Perplexity(ppl=math.exp(total / (nwin * seqlen)), windows=nwin, seqlen=seqlen)
 
 

@@ -49,6 +49,10 @@ class LayerStats:
     """Wall time of the solve."""
 
 
+class _StopPass(Exception):
+    """Raised from the last layer's hook: the rest of the block's forward is not needed."""
+
+
 class HessianCollector:
     """Forward pre-hooks that accumulate one Hessian per distinct layer input.
 
@@ -58,6 +62,8 @@ class HessianCollector:
 
     def __init__(self, layers: dict[str, nn.Module]):
         self.layers = layers
+        self.order: list[str] = []  # call order seen in the first pass
+        self.last: str | None = None  # after the first pass: the last layer called
         self.owner: dict[str, str] = {}  # layer name -> name of the layer whose Hessian it shares
         self.H: dict[str, torch.Tensor] = {}
         self.n: dict[str, int] = {}
@@ -67,18 +73,24 @@ class HessianCollector:
     def _hook(self, name: str) -> Callable:
         def hook(_module: nn.Module, args: tuple) -> None:
             x = args[0]
+            if self.last is None:
+                self.order.append(name)
             key = (x.data_ptr(), tuple(x.shape), tuple(x.stride()))
             if key in self._seen:
                 self.owner.setdefault(name, self._seen[key][1])
-                return
-            self._seen[key] = (x, name)  # holding x keeps its storage from being reused in this pass
-            self.owner.setdefault(name, name)
-            if self.owner[name] == name:
-                self.H[name], self.n[name] = accumulate_hessian(self.H.get(name), x, self.n.get(name, 0))
+            else:
+                self._seen[key] = (x, name)  # holding x keeps its storage from being reused in this pass
+                self.owner.setdefault(name, name)
+                if self.owner[name] == name:
+                    self.H[name], self.n[name] = accumulate_hessian(self.H.get(name), x, self.n.get(name, 0))
+            if name == self.last:
+                raise _StopPass  # nothing after the last layer's input is needed for Hessians
 
         return hook
 
     def end_pass(self) -> None:
+        if self.last is None and self.order:
+            self.last = self.order[-1]
         self._seen.clear()
 
     def hessian(self, name: str) -> torch.Tensor:
@@ -97,7 +109,10 @@ def collect_hessians(
     collector = HessianCollector(layers)
     try:
         for x in batches:
-            run_block(block, x, layer_kwargs)
+            try:
+                run_block(block, x, layer_kwargs)
+            except _StopPass:
+                pass
             collector.end_pass()
     finally:
         collector.close()

@@ -99,3 +99,15 @@ def test_quant_grid_includes_zero_and_groups():
     assert grouped.scale.shape == (2, 2)
     with pytest.raises(ValueError, match="groupsize"):
         quant_grid(W, QuantSpec(bits=2, groupsize=3))
+
+
+@pytest.mark.parametrize("cols", [1030, 4100])
+def test_blocked_symmetric_update_equals_plain_gemm(cols):
+    g = torch.Generator().manual_seed(cols)
+    H, n = None, 0
+    xs = [torch.randn(2, 8, cols, generator=g) for _ in range(2)]
+    for x in xs:
+        H, n = accumulate_hessian(H, x, n)
+    X = torch.cat(xs).reshape(-1, cols).double()
+    torch.testing.assert_close(H.double(), 2 / 4 * X.T @ X, rtol=1e-5, atol=1e-4)
+    assert torch.equal(H, H.T)

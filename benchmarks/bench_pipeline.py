@@ -1,0 +1,129 @@
+"""Benchmark of the whole `sparsegpt prune` job against the authors'-style yardstick.
+
+1. Quality and cost on the embedded default model (SmolLM2-135M): SparseGPT 50% and
+   2:4 with this project's CLI and with `baseline_authors.py` (whole model and all
+   activations in memory, one Hessian per layer, the paper's column loop), same
+   calibration and evaluation windows. Prints perplexities, wall time of each whole
+   process, its stages, and peak resident memory (GNU time's max RSS).
+2. Memory vs depth: random-init Llama configs of 8 and 32 blocks (hidden 1024),
+   pruned by the CLI without evaluation; prints each process's peak RSS.
+
+    python benchmarks/bench_pipeline.py                       # both parts, defaults of the issue
+    python benchmarks/bench_pipeline.py --part quality --eval-windows 40
+    python benchmarks/bench_pipeline.py --part depth
+
+Needs ../shared/data/wikitext2 (or --wikitext DIR) for part 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+# Perplexities of the authors' own code on this setting (dense, 50%, 2:4), as measured for the issue.
+AUTHORS = {"dense": 29.19, "50%": 50.83, "2:4": 82.73}
+
+
+def timed_process(cmd: list[str], log: Path) -> tuple[float, float, str]:
+    """Run ``cmd`` under GNU time; return (wall seconds, peak RSS MiB, stdout)."""
+    stats = log.with_suffix(".time")
+    t0 = time.perf_counter()
+    out = subprocess.run(["/usr/bin/time", "-f", "%e %M", "-o", str(stats), *cmd], cwd=ROOT,
+                         capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    log.write_text(out.stdout + "\n--- stderr ---\n" + out.stderr)
+    if out.returncode != 0:
+        sys.exit(f"command failed ({out.returncode}), see {log}: {' '.join(cmd)}")
+    _, rss_kb = stats.read_text().split()[-2:]
+    return wall, int(rss_kb) / 1024, out.stdout
+
+
+def quality(args: argparse.Namespace, work: Path) -> None:
+    calib = f"wikitext2={args.wikitext / 'wiki.valid.raw'}"
+    evals = f"wikitext2={args.wikitext / 'wiki.test.raw'}"
+    common = ["--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen)]
+    windows = ["--eval-windows", str(args.eval_windows)] if args.eval_windows else []
+    print(f"SmolLM2-135M, calib {args.nsamples}x{args.seqlen} WikiText-2 valid, eval WikiText-2 test "
+          f"{args.eval_windows or 'all'} windows x {args.seqlen}, CPU")
+    print(f"{'setting':<8} {'who':<10} {'dense':>7} {'pruned':>8} {'authors':>8} {'wall s':>8} {'peak MiB':>9}  stages")
+    from stages.models import resolve_model
+
+    model_dir = resolve_model("smollm2-135m")
+    for label, opt in (("50%", ["--sparsity", "0.5"]), ("2:4", ["--nm", "2:4"])):
+        run_dir = work / f"run-{label.replace(':', '-').replace('%', '')}"
+        cmd = [sys.executable, "-m", "flows.cli", "prune", "smollm2-135m", "--run-dir", str(run_dir), "--calib", calib,
+               "--eval", evals, "--no-progress", *common, *windows, *opt]
+        wall, rss, _ = timed_process(cmd, work / f"ours-{label[:2]}.log")
+        m = json.loads((run_dir / "eval" / "metrics.json").read_text())
+        w = m["wikitext2"]
+        stages = " ".join(f"{k} {v:.0f}" for k, v in m["timings"].items())
+        print(f"{label:<8} {'ours':<10} {w['dense_ppl']:7.2f} {w['ppl']:8.2f} {AUTHORS[label]:8.2f} {wall:8.1f} {rss:9.0f}  "
+              f"{stages} eval {w['seconds'] + w['dense_seconds']:.0f}")
+        base_opt = ["--nm", "2:4"] if label == "2:4" else ["--sparsity", "0.5"]
+        cmd = [sys.executable, "-m", "benchmarks.baseline_authors", str(model_dir), "--calib", calib, "--eval", evals,
+               *common, *windows, *base_opt]
+        bwall, brss, out = timed_process(cmd, work / f"base-{label[:2]}.log")
+        b = json.loads(out.strip().splitlines()[-1])
+        stages = " ".join(f"{k} {v:.0f}" for k, v in b["seconds"].items())
+        print(f"{label:<8} {'yardstick':<10} {b['dense_ppl']:7.2f} {b['ppl']:8.2f} {AUTHORS[label]:8.2f} {bwall:8.1f} "
+              f"{brss:9.0f}  {stages}")
+        print(f"{label:<8} ratio ours/yardstick: wall {wall / bwall:.2f}, peak memory {rss / brss:.2f}, "
+              f"pruned ppl vs authors {100 * (w['ppl'] / AUTHORS[label] - 1):+.2f}%")
+
+
+def depth(args: argparse.Namespace, work: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from tests.conftest import tiny_tokenizer
+
+    peaks = {}
+    for n in (8, 32):
+        model_dir = work / f"llama-{n}"
+        torch.manual_seed(0)
+        cfg = LlamaConfig(hidden_size=1024, intermediate_size=2816, num_hidden_layers=n, num_attention_heads=16,
+                          num_key_value_heads=16, vocab_size=32000, max_position_embeddings=2048)
+        AutoModelForCausalLM.from_config(cfg).save_pretrained(model_dir)
+        tiny_tokenizer().save_pretrained(model_dir)
+        cmd = [sys.executable, "-m", "flows.cli", "prune", str(model_dir), "--run-dir", str(work / f"run-depth-{n}"),
+               "--calib", "pydoc", "--nsamples", str(args.depth_nsamples), "--seqlen", "256", "--no-progress"]
+        wall, rss, _ = timed_process(cmd, work / f"depth-{n}.log")
+        peaks[n] = rss
+        print(f"random Llama, hidden 1024, {n:2d} blocks ({sum(p.stat().st_size for p in model_dir.glob('*.safetensors')) / 2**20:.0f} MiB "
+              f"of weights): wall {wall:.1f} s, peak RSS {rss:.0f} MiB")
+        shutil.rmtree(model_dir)
+    print(f"peak RSS 32 vs 8 blocks: {100 * (peaks[32] / peaks[8] - 1):+.1f}%")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--part", choices=("quality", "depth", "all"), default="all")
+    p.add_argument("--wikitext", type=Path, default=ROOT.parent / "shared" / "data" / "wikitext2")
+    p.add_argument("--nsamples", type=int, default=32)
+    p.add_argument("--seqlen", type=int, default=512)
+    p.add_argument("--eval-windows", type=int, default=40)
+    p.add_argument("--depth-nsamples", type=int, default=8)
+    p.add_argument("--keep", action="store_true", help="keep the work folder (logs, run dirs)")
+    args = p.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="bench-pipeline-"))
+    try:
+        if args.part in ("quality", "all"):
+            quality(args, work)
+        if args.part in ("depth", "all"):
+            depth(args, work)
+    finally:
+        if args.keep:
+            print(f"work folder: {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
