@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import time
 
-from prefect import flow, task
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
 
 from stages.evaluate import blockwise_perplexity
 from stages.models import load_tokenizer, resolve_model
@@ -20,7 +21,9 @@ def perplexity(model_dir: str, spec: str, seqlen: int, windows: int | None, devi
     t0 = time.perf_counter()
     res = blockwise_perplexity(model_dir, ids, device, batch_size=batch_size, progress=True,
                                desc=parse_spec(spec).label, trust_remote_code=trust_remote_code)
-    return {**res.to_dict(), "seconds": time.perf_counter() - t0}
+    out = {**res.to_dict(), "seconds": time.perf_counter() - t0}
+    get_run_logger().info("%s: ppl %.4f over %d x %d tokens", spec, out["ppl"], out["windows"], out["seqlen"])
+    return out
 
 
 @flow(name="sparsegpt-evaluate")
@@ -30,4 +33,8 @@ def evaluate(model: str, specs: list[str], seqlen: int = 2048, windows: int | No
     for spec in specs:
         parse_spec(spec)
     model_dir = str(resolve_model(model, trust_remote_code=trust_remote_code))
-    return {parse_spec(s).label: perplexity(model_dir, s, seqlen, windows, device, batch_size, trust_remote_code) for s in specs}
+    res = {parse_spec(s).label: perplexity(model_dir, s, seqlen, windows, device, batch_size, trust_remote_code) for s in specs}
+    rows = [f"| {label} | {m['windows']} x {m['seqlen']} | {m['ppl']:.2f} |" for label, m in res.items()]
+    create_markdown_artifact(markdown="\n".join(["| dataset | windows x seqlen | ppl |", "|---|---|---|", *rows]),
+                             key="sparsegpt-eval", description=f"perplexity of {model}")
+    return res

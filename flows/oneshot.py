@@ -5,44 +5,82 @@ from `stages.oneshot`. The run directory is the source of truth: each stage skip
 work whose done-record verifies, so a new flow run (or `prefect flow-run retry`)
 on the same run directory resumes where the last one stopped. As a second layer,
 task results are persisted under `RUN_DIR/.prefect/` with cache keys made of the
-config hash, the stage and the block index (only once the stage's record exists).
+config hash, the stage and the block index (only once the stage's record exists),
+so a retried flow run shows finished tasks as "Cached". While blocks are pruned, a
+tqdm bar (`cfg.progress`) and a Prefect progress artifact show where the run stands.
 """
 
 from __future__ import annotations
 
+import re
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact
+from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
+from prefect.transactions import get_transaction
+from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from stages import oneshot as st
 from stages.config import PruneConfig
 from stages.evaluate import evaluate_run
 from stages.rundir import RunLock, config_hash, sweep_tmp, verify_record
 
+RecordOf = Callable[[st.Run, Any], Path]
 
-def _done_key(record_of):
-    """A cache key fn: config hash + stage + block, but only when the stage's record verifies."""
 
+def _calib_record(run: st.Run, _i: Any = None) -> Path:
+    return run.tokens.with_suffix(".json")
+
+
+def _block_record(run: st.Run, i: int) -> Path:
+    return run.block_record(i)
+
+
+def _model_record(run: st.Run, _i: Any = None) -> Path:
+    return run.model_record
+
+
+def done_key(record_of: RecordOf, cfg: PruneConfig, run: st.Run, i: int | None = None) -> str | None:
+    """config hash + record path when the stage's record verifies, else None (no cache lookup, no stale hit)."""
+    path = record_of(run, i)
+    if verify_record(path, quick=True) is None:
+        return None
+    return f"{config_hash(cfg.identity())[:16]}-{path.relative_to(run.root).as_posix().replace('/', '-')}"
+
+
+def _key_fn(record_of: RecordOf) -> Callable[[Any, dict[str, Any]], str | None]:
     def key(_ctx: Any, params: dict[str, Any]) -> str | None:
-        cfg, run, i = params["cfg"], params["run"], params.get("i")
-        path = record_of(run, i)
-        if path is None or verify_record(path, quick=True) is None:
-            return None
-        return f"{config_hash(cfg.identity())[:16]}-{path.relative_to(run.root).as_posix().replace('/', '-')}"
+        return done_key(record_of, params["cfg"], params["run"], params.get("i"))
 
     return key
 
 
-def _options(run: st.Run, record_of) -> dict[str, Any]:
-    return {"cache_key_fn": _done_key(record_of), "persist_result": True, "result_storage": run.root.resolve() / ".prefect"}
+def _persist_when_done(record_of: RecordOf, cfg: PruneConfig, run: st.Run, i: int | None = None) -> None:
+    """Give this task run's transaction the key its record now earns.
+
+    Prefect computes a cache key once, before the task runs; ours is None until the
+    stage has written its record, so without this the result would be persisted only
+    by the run after next. Setting the key here persists it now, so a retry finds it.
+    """
+    txn = get_transaction()
+    if txn is not None and txn.key is None:
+        txn.key = done_key(record_of, cfg, run, i)
 
 
-@task(name="calibrate")
+def _options(run: st.Run) -> dict[str, Any]:
+    return {"persist_result": True, "result_storage": run.root.resolve() / ".prefect"}
+
+
+@task(name="calibrate", cache_key_fn=_key_fn(_calib_record))
 def calibrate(cfg: PruneConfig, run: st.Run) -> dict:
-    return st.calibrate(cfg, run)
+    out = st.calibrate(cfg, run)
+    _persist_when_done(_calib_record, cfg, run)
+    return out
 
 
 @task(name="capture")
@@ -55,24 +93,50 @@ def allocate(cfg: PruneConfig, run: st.Run) -> list[float]:
     return st.owl_allocation(cfg, run)
 
 
-@task(name="prune-block", task_run_name="prune-block-{i:03d}")
+@task(name="prune-block", task_run_name="prune-block-{i:03d}", cache_key_fn=_key_fn(_block_record))
 def prune_block(cfg: PruneConfig, run: st.Run, i: int, sparsity: float) -> dict:
     rec = st.prune_one(cfg, run, i, sparsity)
     get_run_logger().info(
         "block %d: %.1f s, mean layer error %.4f", i, rec["seconds"],
         sum(v["rel_error"] for v in rec["layers"].values()) / max(len(rec["layers"]), 1),
     )
+    _persist_when_done(_block_record, cfg, run, i)
     return {k: v for k, v in rec.items() if k != "files"}
 
 
-@task(name="assemble")
+@task(name="assemble", cache_key_fn=_key_fn(_model_record))
 def assemble(cfg: PruneConfig, run: st.Run) -> dict:
-    return st.assemble_model(cfg, run)
+    out = st.assemble_model(cfg, run)
+    _persist_when_done(_model_record, cfg, run)
+    return out
 
 
 @task(name="evaluate")
 def evaluate(cfg: PruneConfig, run: st.Run, records: list[dict], timings: dict) -> dict:
     return evaluate_run(cfg, run, st.compute_dtype(cfg, run.model_dir), records, timings)
+
+
+def artifact_key(run_dir: str | Path) -> str:
+    """The progress artifact's key for a run directory (lowercase letters, digits and dashes only)."""
+    slug = re.sub(r"[^a-z0-9]+", "-", Path(run_dir).resolve().name.lower()).strip("-")
+    return f"sparsegpt-progress-{slug or 'run'}"
+
+
+@contextmanager
+def block_progress(cfg: PruneConfig, run: st.Run) -> Iterator[Callable[[int], None]]:
+    """A tqdm bar (when ``cfg.progress``) and a Prefect progress artifact over the blocks; yields ``step(i)``."""
+    n = run.num_blocks
+    where = f"{n} blocks of {cfg.model} into {cfg.run_dir}"
+    artifact = create_progress_artifact(progress=0.0, key=artifact_key(cfg.run_dir), description=f"pruning {where}")
+    with tqdm(total=n, desc="prune blocks", unit="block", disable=not cfg.progress) as bar, (
+        logging_redirect_tqdm() if cfg.progress else nullcontext()
+    ):  # console log lines are printed above the bar instead of through it; API logs are untouched
+
+        def step(i: int) -> None:
+            bar.update(1)
+            update_progress_artifact(artifact, progress=100.0 * (i + 1) / n, description=f"block {i + 1}/{n}: {where}")
+
+        yield step
 
 
 @flow(name="sparsegpt-oneshot", log_prints=True)
@@ -86,7 +150,7 @@ def oneshot(cfg: PruneConfig) -> dict:
         timings["prepare"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        calibrate.with_options(**_options(run, lambda r, _: r.tokens.with_suffix(".json")))(cfg, run)
+        calibrate.with_options(**_options(run))(cfg, run)
         timings["calibrate"] = time.perf_counter() - t
 
         t = time.perf_counter()
@@ -95,12 +159,15 @@ def oneshot(cfg: PruneConfig) -> dict:
         timings["capture"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        block_task = prune_block.with_options(**_options(run, lambda r, i: r.block_record(i)))
-        records = [block_task(cfg, run, i, sparsities[i]) for i in range(run.num_blocks)]
+        block_task, records = prune_block.with_options(**_options(run)), []
+        with block_progress(cfg, run) as step:
+            for i in range(run.num_blocks):
+                records.append(block_task(cfg, run, i, sparsities[i]))
+                step(i)
         timings["prune"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        assemble.with_options(**_options(run, lambda r, _: r.model_record))(cfg, run)
+        assemble.with_options(**_options(run))(cfg, run)
         timings["assemble"] = time.perf_counter() - t
 
         metrics = evaluate(cfg, run, records, timings)

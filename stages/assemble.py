@@ -12,7 +12,6 @@ copied. The folder is written under a temporary name and renamed into place.
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -99,7 +98,10 @@ def assemble(
     index = SafetensorsIndex.open(model_dir)
     dtypes = _original_dtypes(index)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    # `.{name}.tmp-{pid}`: the name `stages.rundir.sweep_tmp` removes if this process is killed.
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
     try:
         shards = _write_shards(_units(sk, paths, index), dtypes, tmp, max_shard_bytes)
         _write_index(tmp, shards)

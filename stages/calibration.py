@@ -9,7 +9,6 @@ fixed_size_list<int32>[seqlen]), written atomically; the pipeline keeps it in
 `runs/<name>/calib/tokens.arrow`.
 """
 
-import os
 import random
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -22,6 +21,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from stages.data import Corpus, DatasetSpec, load_corpus, parse_spec
+from stages.rundir import atomic_path
 
 _LONG_WARNING = "sequence-length-is-longer-than-the-specified-maximum"
 
@@ -143,14 +143,10 @@ def write_tokens(path: Path, ids: np.ndarray, metadata: dict[str, str] | None = 
     meta = {"seqlen": str(seqlen), **(metadata or {})}
     table = table.replace_schema_metadata({k: str(v) for k, v in meta.items()})
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:  # a full disk becomes a one-line RunError
         with pa.ipc.new_file(f, table.schema) as writer:
             writer.write_table(table)
         f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
     return path
 
 

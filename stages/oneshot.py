@@ -25,12 +25,16 @@ import torch
 
 from stages.assemble import assemble
 from stages.blocks import (
+    Skeleton,
+    find_blocks,
     find_layers,
+    get_weight,
     load_block,
     load_layer_kwargs,
     run_block,
     save_block,
     save_layer_kwargs,
+    shared_meta_model,
     skeleton,
 )
 from stages.calibration import CalibrationConfig, read_tokens, sample_calibration, write_tokens
@@ -38,7 +42,7 @@ from stages.capture import capture_inputs
 from stages.config import PruneConfig
 from stages.models import load_config, load_tokenizer, max_positions, resolve_model
 from stages.pruning import block_outlier_ratio, collect_hessians, prune_block
-from stages.rundir import init_run, prune_old, verify_record, write_record
+from stages.rundir import RunLock, init_run, prune_old, sweep_tmp, verify_record, write_record
 from stages.shards import ShardWriter, is_complete, read_shards
 from sparsegpt import owl_sparsities
 
@@ -108,9 +112,26 @@ def prepare(cfg: PruneConfig) -> Run:
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError("--device cuda was asked for but torch sees no GPU; use --device cpu")
     sk = skeleton(model_dir, cfg.trust_remote_code)
+    check_nm_fits(cfg, sk)
     root = Path(cfg.run_dir)
     init_run(root, cfg.identity(), versions())
     return Run(root=root, model_dir=model_dir, num_blocks=sk.num_blocks)
+
+
+def check_nm_fits(cfg: PruneConfig, sk: Skeleton) -> None:
+    """Refuse an N:M pattern whose M does not divide some pruned layer's input width (before any work)."""
+    n, m = cfg.prune_nm
+    if not m:
+        return
+    _, blocks = find_blocks(shared_meta_model(sk.model_dir, cfg.trust_remote_code))
+    for i, block in enumerate(blocks):
+        for name, layer in find_layers(block).items():
+            cols = get_weight(layer).shape[1]
+            if cols % m:
+                raise ValueError(
+                    f"--nm {n}:{m} does not fit layer {sk.block_prefix(i)}{name}: its input width {cols} is not "
+                    f"a multiple of M={m}; choose an M that divides every layer's width (e.g. 2:4)"
+                )
 
 
 def calibrate(cfg: PruneConfig, run: Run) -> dict:
@@ -125,10 +146,16 @@ def calibrate(cfg: PruneConfig, run: Run) -> dict:
     return write_record(record, {"nsamples": int(ids.shape[0]), "seqlen": int(ids.shape[1])}, [run.tokens])
 
 
-def capture(cfg: PruneConfig, run: Run) -> dict:
-    """Inputs of block 0 into acts/block_000 and the layer kwargs into acts/layer_kwargs."""
+def capture(cfg: PruneConfig, run: Run, needed: bool = False) -> dict:
+    """Inputs of block 0 into acts/block_000 and the layer kwargs into acts/layer_kwargs.
+
+    Skipped when both are on disk, or when block 0 is already pruned (its inputs were
+    used and may have been deleted since); `needed=True` insists on acts/block_000.
+    """
     kw_record = run.layer_kwargs.with_suffix(".json")
-    if is_complete(run.acts(0)) and verify_record(kw_record) is not None:
+    if verify_record(kw_record) is not None and (
+        is_complete(run.acts(0)) or (not needed and verify_record(run.block_record(0)) is not None)
+    ):
         return {"captured": False}
     ids = torch.from_numpy(read_tokens(run.tokens).astype(np.int64))
     dtype = compute_dtype(cfg, run.model_dir)
@@ -168,7 +195,7 @@ def ensure_acts(cfg: PruneConfig, run: Run, i: int) -> None:
         return
     start = next((k for k in range(i - 1, -1, -1) if is_complete(run.acts(k))), None)
     if start is None:
-        capture(cfg, run)
+        capture(cfg, run, needed=True)
         start = 0
     dtype, kwargs = compute_dtype(cfg, run.model_dir), _load_kwargs(run)
     for k in range(start, i):
@@ -183,6 +210,7 @@ def owl_allocation(cfg: PruneConfig, run: Run) -> list[float]:
     done = verify_record(run.owl)
     if done is not None:
         return done["sparsities"]
+    ensure_acts(cfg, run, 0)
     dtype, kwargs = compute_dtype(cfg, run.model_dir), _load_kwargs(run)
     x = read_shards(run.acts(0))
     hidden = torch.cat(list(x.iter_batches(cfg.batch_size)))  # dense activations, one boundary in memory
@@ -236,12 +264,19 @@ def block_records(run: Run) -> list[dict | None]:
 
 
 def run_pipeline(cfg: PruneConfig) -> Run:
-    """All pruning stages in order, without Prefect (the flow runs the same steps as tasks)."""
-    run = prepare(cfg)
-    calibrate(cfg, run)
-    capture(cfg, run)
-    sparsities = owl_allocation(cfg, run)
-    for i in range(run.num_blocks):
-        prune_one(cfg, run, i, sparsities[i])
-    assemble_model(cfg, run)
+    """All pruning stages in order, without Prefect (the flow runs the same steps as tasks).
+
+    Like the flow, it holds the run directory's `RunLock` throughout (a second process
+    on the same run directory gets `RunError`) and first sweeps the temporary files a
+    killed run left behind.
+    """
+    with RunLock(cfg.run_dir):
+        sweep_tmp(cfg.run_dir)
+        run = prepare(cfg)
+        calibrate(cfg, run)
+        capture(cfg, run)
+        sparsities = owl_allocation(cfg, run)
+        for i in range(run.num_blocks):
+            prune_one(cfg, run, i, sparsities[i])
+        assemble_model(cfg, run)
     return run

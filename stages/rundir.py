@@ -353,7 +353,7 @@ def prune_old(
 
 
 def sweep_tmp(root: Path | str) -> list[Path]:
-    """Remove temp files and trash folders left by killed processes under `root`.
+    """Remove temp files, temp folders and trash folders left by killed processes under `root`.
 
     Only safe while holding the run's `RunLock` (no other writer can be active).
     Returns what was removed.
@@ -361,7 +361,7 @@ def sweep_tmp(root: Path | str) -> list[Path]:
     removed: list[Path] = []
     for dirpath, dirnames, filenames in os.walk(root):
         for d in list(dirnames):
-            if d.startswith(TRASH_PREFIX):
+            if d.startswith(TRASH_PREFIX) or _TMP_RE.match(d):  # trash, or a folder written under a temp name
                 shutil.rmtree(Path(dirpath, d), ignore_errors=True)
                 dirnames.remove(d)
                 removed.append(Path(dirpath, d))

@@ -1,0 +1,70 @@
+"""prefect.yaml: every deployment's entrypoint loads and its parameters validate into the flow's types.
+
+Deployment parameters travel as JSON; Prefect rebuilds the flow's typed parameters
+with pydantic, so a `PruneConfig` must survive the trip, and bad settings must fail
+with the config's own message before any work starts.
+"""
+
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+import yaml
+from prefect.exceptions import ParameterTypeError
+from prefect.flows import load_flow_from_entrypoint
+from prefect.utilities.callables import parameter_schema
+
+from stages.config import PruneConfig
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def deployments() -> dict[str, dict]:
+    spec = yaml.safe_load((REPO / "prefect.yaml").read_text())
+    assert spec["pull"] == [{"prefect.deployments.steps.set_working_directory": {"directory": "{{ $PWD }}"}}]
+    return {d["name"]: d for d in spec["deployments"]}
+
+
+def load(entrypoint: str):
+    return load_flow_from_entrypoint(str(REPO / entrypoint))
+
+
+def test_oneshot_deployment_parameters_become_a_prune_config(deployments):
+    dep = deployments["sparsegpt-oneshot"]
+    assert dep["work_pool"]["name"] == "local-process"
+    flow = load(dep["entrypoint"])
+    assert flow.name == "sparsegpt-oneshot"
+    cfg = flow.validate_parameters(dep["parameters"])["cfg"]
+    assert isinstance(cfg, PruneConfig)
+    assert (cfg.model, cfg.calib, cfg.nsamples, cfg.seqlen, cfg.sparsity) == ("smollm2-135m", "pydoc", 32, 512, 0.5)
+    assert (cfg.run_dir, cfg.eval, cfg.eval_windows) == ("runs/deployed-oneshot", ("pydoc",), 8)
+    schema = parameter_schema(flow).model_dump()
+    assert schema["required"] == ["cfg"] and "sparsity" in schema["definitions"]["PruneConfig"]["properties"]
+
+
+def test_evaluate_deployment_parameters_validate(deployments):
+    dep = deployments["sparsegpt-evaluate"]
+    flow = load(dep["entrypoint"])
+    assert flow.name == "sparsegpt-evaluate"
+    params = flow.validate_parameters(dep["parameters"])
+    assert params["specs"] == ["pydoc"] and params["windows"] == 8
+
+
+def test_prune_config_round_trips_through_json_parameters(tmp_path):
+    from flows.oneshot import oneshot
+
+    (tmp_path / "x.txt").write_text("some text")
+    cfg = PruneConfig(model="m", run_dir="r", nm="2:4", eval=("pydoc", f"text={tmp_path / 'x.txt'}"), eval_windows=3, owl=True)
+    as_json = {"cfg": {**asdict(cfg), "eval": list(cfg.eval)}}  # what a deployment or flow run stores
+    assert oneshot.validate_parameters(as_json)["cfg"] == cfg
+    assert oneshot.validate_parameters({"cfg": {"model": "m"}})["cfg"] == PruneConfig(model="m")
+
+
+def test_bad_config_parameters_fail_with_the_configs_message():
+    from flows.oneshot import oneshot
+
+    with pytest.raises(ParameterTypeError, match=r"sparsity must be a fraction"):
+        oneshot.validate_parameters({"cfg": {"sparsity": 1.5}})
+    with pytest.raises(ParameterTypeError, match=r"N:M must look like"):
+        oneshot.validate_parameters({"cfg": {"nm": "2-4"}})
