@@ -25,7 +25,8 @@ from stages.models import INDEX_NAME, SafetensorsIndex
 PathLike = str | os.PathLike
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".ckpt", ".msgpack", ".h5")
 """Files never copied from the original folder: weights are rewritten, pickles never carried over."""
-DEFAULT_SHARD_BYTES = 2 * 1024**3
+DEFAULT_SHARD_BYTES = 256 * 1024**2
+"""Output shard size: assembly holds at most one shard (or one block, if larger) in memory."""
 _DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
