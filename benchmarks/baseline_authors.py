@@ -48,36 +48,6 @@ class SparseGPTLayer:
         self.H += inp.matmul(inp.t())
 
 
-def nm_algorithm_1(W, H, prunen, prunem, blocksize=128, percdamp=0.01):
-    """Their fasterprune with N:M (the mask chosen in the column loop)."""
-    W = W.clone().float()
-    cols = W.shape[1]
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1
-    W[:, dead] = 0
-    H[range(cols), range(cols)] += percdamp * torch.mean(torch.diag(H))
-    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
-    for i1 in range(0, cols, blocksize):
-        i2 = min(i1 + blocksize, cols)
-        W1, Hinv1 = W[:, i1:i2].clone(), Hinv[i1:i2, i1:i2]
-        Q1, Err1 = torch.zeros_like(W1), torch.zeros_like(W1)
-        mask1 = torch.zeros_like(W1, dtype=torch.bool)
-        for i in range(i2 - i1):
-            w, d = W1[:, i], Hinv1[i, i]
-            if i % prunem == 0:
-                tmp = W1[:, i : i + prunem] ** 2 / torch.diag(Hinv1)[i : i + prunem].reshape(1, -1) ** 2
-                mask1.scatter_(1, i + torch.topk(tmp, prunen, dim=1, largest=False)[1], True)
-            q = w.clone()
-            q[mask1[:, i]] = 0
-            Q1[:, i] = q
-            err1 = (w - q) / d
-            W1[:, i:] -= err1.unsqueeze(1).matmul(Hinv1[i, i:].unsqueeze(0))
-            Err1[:, i] = err1
-        W[:, i1:i2] = Q1
-        W[:, i2:] -= Err1.matmul(Hinv[i1:i2, i2:])
-    return W
-
-
 class _Caught(Exception):
     pass
 
@@ -118,7 +88,7 @@ def prune(model, ids, sparsity, prunen, prunem):
             h.remove()
         for g in gpts.values():
             W = get_weight(g.layer).detach()
-            new = nm_algorithm_1(W, g.H, prunen, prunem) if prunem else paper_algorithm_1(W, g.H, sparsity)
+            new = paper_algorithm_1(W, g.H, sparsity, prunen=prunen, prunem=prunem)
             set_weight(g.layer, new)
             del g.H
         inps = [block_out(block(x, **kwargs)) for x in inps]

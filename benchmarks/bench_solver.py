@@ -24,8 +24,11 @@ LLAMA_7B = [(4096, 4096), (11008, 4096), (4096, 11008)]
 SMOLLM2 = [(576, 576), (192, 576), (1536, 576), (576, 1536)]
 
 
-def paper_algorithm_1(W: torch.Tensor, H: torch.Tensor, sparsity: float, blocksize: int = 128, percdamp: float = 0.01):
-    """The yardstick: the paper's Algorithm 1 as the authors wrote it (fasterprune)."""
+def paper_algorithm_1(
+    W: torch.Tensor, H: torch.Tensor, sparsity: float, blocksize: int = 128, percdamp: float = 0.01,
+    prunen: int = 0, prunem: int = 0,
+):
+    """The yardstick: the paper's Algorithm 1 as the authors wrote it (fasterprune, with their N:M)."""
     W = W.clone().float()
     rows, cols = W.shape
     H = H.clone()
@@ -45,12 +48,18 @@ def paper_algorithm_1(W: torch.Tensor, H: torch.Tensor, sparsity: float, blocksi
         Q1 = torch.zeros_like(W1)
         Err1 = torch.zeros_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2]
-        tmp = W1**2 / (torch.diag(Hinv1).reshape((1, -1))) ** 2
-        thresh = torch.sort(tmp.flatten())[0][int(tmp.numel() * sparsity)]
-        mask1 = tmp <= thresh
+        if prunen == 0:
+            tmp = W1**2 / (torch.diag(Hinv1).reshape((1, -1))) ** 2
+            thresh = torch.sort(tmp.flatten())[0][int(tmp.numel() * sparsity)]
+            mask1 = tmp <= thresh
+        else:
+            mask1 = torch.zeros_like(W1, dtype=torch.bool)
         for i in range(count):
             w = W1[:, i]
             d = Hinv1[i, i]
+            if prunen != 0 and i % prunem == 0:
+                tmp = W1[:, i : i + prunem] ** 2 / torch.diag(Hinv1)[i : i + prunem].reshape(1, -1) ** 2
+                mask1.scatter_(1, i + torch.topk(tmp, prunen, dim=1, largest=False)[1], True)
             q = w.clone()
             q[mask1[:, i]] = 0
             Q1[:, i] = q
