@@ -2,6 +2,7 @@
 
     sparsegpt prune MODEL --run-dir runs/x --sparsity 0.5 [--nm 2:4] [--method wanda] ...
     sparsegpt eval MODEL --eval SPEC [--eval SPEC ...] [--seqlen 2048 --eval-windows N]
+    sparsegpt progressive MODEL --run-dir runs/p --schedule 0.5,0.6,0.7,0.8 [--tokens-per-round N] ...
     sparsegpt status runs/x
 
 Bad input ends with one line `error: ...` naming the problem and the fix, exit code 2.
@@ -10,7 +11,6 @@ Bad input ends with one line `error: ...` naming the problem and the fix, exit c
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -62,6 +62,65 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--device", default="cpu")
     p.add_argument("--trust-remote-code", action="store_true")
+
+
+def _add_progressive(sub: argparse._SubParsersAction) -> None:
+    from stages.progressive import ProgressiveConfig
+
+    defaults = {f.name: f.default for f in fields(ProgressiveConfig)}
+    p = sub.add_parser("progressive", help="prune-and-finetune rounds toward high sparsity (resumable, schedulable)")
+    p.add_argument("model", help="the dense model (also the distillation teacher): directory, hub id or smollm2-135m")
+    p.add_argument("--run-dir", required=True, help="run directory; rerun the same command to continue the schedule")
+    p.add_argument("--schedule", default=None, help="rising per-round targets, e.g. 0.5,0.6,0.7,0.8 or 1:4,2:4 "
+                   f"(default {','.join(defaults['schedule'])})")
+    p.add_argument("--nm", default=None, help="N:M ramp: --nm 2:4 means --schedule 1:4,2:4")
+    p.add_argument("--calib", default=defaults["calib"], help="calibration SPEC of every round")
+    p.add_argument("--finetune-data", default=defaults["finetune_data"], help="fine-tuning SPEC (c4, c4=PATH, text=PATH, pydoc, ...)")
+    p.add_argument("--distill", default=",".join(defaults["distill"]), help="kl, squarehead or kl,squarehead")
+    for name, typ in (("nsamples", int), ("seqlen", int), ("seed", int), ("blocksize", int), ("percdamp", float),
+                      ("tokens-per-round", int), ("finetune-seqlen", int), ("micro-batch-size", int), ("grad-accum", int),
+                      ("lr", float), ("warmup-steps", int), ("min-lr-ratio", float), ("weight-decay", float),
+                      ("lm-weight", float), ("temperature", float), ("finetune-seed", int), ("checkpoint-every", int),
+                      ("rounds-per-run", int), ("batch-size", int), ("eval-batch-size", int)):
+        p.add_argument(f"--{name}", type=typ, default=defaults[name.replace("-", "_")])
+    p.add_argument("--lr-schedule", choices=("cosine", "linear"), default=defaults["lr_schedule"])
+    p.add_argument("--autocast", choices=("none", "bf16", "fp16"), default="none", help="mixed precision on a GPU")
+    p.add_argument("--eval", action="append", default=[], metavar="SPEC", help="evaluation SPEC (repeatable)")
+    p.add_argument("--eval-seqlen", type=int, default=None, help="defaults to --seqlen")
+    p.add_argument("--eval-windows", type=int, default=None, help="evaluate only the first N windows")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--trust-remote-code", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def _progressive(args: argparse.Namespace) -> int:
+    from stages.config import parse_nm
+    from stages.progressive import ProgressiveConfig, summary_markdown
+
+    schedule = args.schedule
+    if args.nm:
+        if schedule:
+            raise ValueError("give either --schedule or --nm (an N:M ramp), not both")
+        n, m = parse_nm(args.nm)
+        schedule = ",".join(f"{i}:{m}" for i in range(1, n + 1))
+    extra = {} if schedule is None else {"schedule": schedule}
+    names = ("nsamples", "seqlen", "seed", "blocksize", "percdamp", "tokens_per_round", "finetune_seqlen",
+             "micro_batch_size", "grad_accum", "lr", "warmup_steps", "min_lr_ratio", "weight_decay", "lm_weight",
+             "temperature", "finetune_seed", "checkpoint_every", "rounds_per_run", "batch_size", "eval_batch_size",
+             "lr_schedule", "autocast", "calib", "finetune_data", "eval_seqlen", "eval_windows", "device",
+             "trust_remote_code")  # fmt: skip
+    cfg = ProgressiveConfig(
+        model=args.model, run_dir=args.run_dir, distill=tuple(d.strip() for d in args.distill.split(",") if d.strip()),
+        eval=tuple(args.eval), progress=not args.no_progress, **{k: getattr(args, k) for k in names}, **extra,
+    )
+    from flows.progressive import progressive
+
+    out = progressive(cfg)
+    print()
+    print(summary_markdown(out["summary"]))
+    print(f"\n{out['message']}")
+    print(f"summary: {Path(cfg.run_dir) / 'summary.json'}")
+    return 0
 
 
 def _prune(args: argparse.Namespace) -> int:
@@ -117,13 +176,14 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_prune(sub)
     _add_eval(sub)
+    _add_progressive(sub)
     st = sub.add_parser("status", help="what is done and left in a run directory")
     st.add_argument("run_dir")
     args = parser.parse_args(argv)
     from stages.rundir import RunError
 
     try:
-        return {"prune": _prune, "eval": _eval, "status": _status}[args.command](args)
+        return {"prune": _prune, "eval": _eval, "status": _status, "progressive": _progressive}[args.command](args)
     except (ValueError, RunError, FileNotFoundError) as exc:
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         print(f"error: {msg}", file=sys.stderr)

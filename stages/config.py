@@ -83,6 +83,9 @@ class PruneConfig:
     """Activation boundaries kept on disk (older ones are deleted as the run proceeds)."""
     progress: bool = True
     """Show progress bars."""
+    keep_pruned: bool = False
+    """Weights that are exactly zero stay pruned and count toward the target (the mask only
+    grows): how a progressive round prunes the previous round's sparse model. SparseGPT only."""
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -95,6 +98,8 @@ class PruneConfig:
             QuantSpec(self.wbits)
             if self.method != "sparsegpt":
                 raise ValueError("--wbits (joint quantization) works with --method sparsegpt only")
+        if self.keep_pruned and (self.method != "sparsegpt" or self.owl):
+            raise ValueError("keep_pruned (a mask that only grows) works with method sparsegpt without OWL only")
         for name in ("nsamples", "seqlen", "blocksize", "batch_size", "eval_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")

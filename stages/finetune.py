@@ -27,6 +27,7 @@ import json
 import random
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -172,6 +173,7 @@ def finetune(
     cfg: FinetuneConfig,
     masks: Masks | None = None,
     stop_after: int | None = None,
+    on_step: Callable[[int, int, dict], None] | None = None,
 ) -> dict:
     """Fine-tune the student with its mask fixed; resume from out_dir/ckpt; return the finetune.json payload.
 
@@ -179,6 +181,7 @@ def finetune(
     weights in every prunable linear of the decoder blocks; weights outside them are
     zeroed before the first step. `stop_after=k` returns after step k with a checkpoint
     written and `{"stopped_at": k}` (a time-boxed slice; call again to continue).
+    `on_step(step, total_steps, losses)` is called after every optimizer step (progress bars).
     """
     out_dir = Path(out_dir)
     if stop_after is not None and stop_after < 1:
@@ -199,6 +202,8 @@ def finetune(
     saved = tr.step
     while tr.step < target:
         train_step(tr)
+        if on_step is not None:
+            on_step(tr.step, cfg.total_steps, tr.history[-1])
         if cfg.checkpoint_every and tr.step % cfg.checkpoint_every == 0 and tr.step < cfg.total_steps:
             _checkpoint(tr, out_dir, spent + time.perf_counter() - start)
             saved = tr.step

@@ -123,7 +123,7 @@ def collect_hessians(
 
 
 def solve_layer(W: torch.Tensor, H: torch.Tensor, cfg: PruneConfig, sparsity: float, name: str) -> PruneResult:
-    """Prune one weight ``(out, in)`` with the configured method."""
+    """Prune one weight ``(out, in)`` with the configured method (``cfg.keep_pruned``: its zeros stay pruned)."""
     n, m = cfg.prune_nm
     if cfg.method == "magnitude":
         return magnitude_prune(W, sparsity, prune_n=n, prune_m=m)
@@ -131,7 +131,7 @@ def solve_layer(W: torch.Tensor, H: torch.Tensor, cfg: PruneConfig, sparsity: fl
         return wanda_prune(W, torch.diag(H), sparsity, prune_n=n, prune_m=m)
     return sparsegpt_prune(
         W, H, sparsity, prune_n=n, prune_m=m, blocksize=cfg.blocksize, percdamp=cfg.percdamp,
-        quant=cfg.quant, name=name, damp_retries=cfg.damp_retries,
+        quant=cfg.quant, name=name, damp_retries=cfg.damp_retries, prior_mask=(W == 0) if cfg.keep_pruned else None,
     )
 
 

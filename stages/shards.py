@@ -18,7 +18,6 @@ import bisect
 import json
 import math
 import mmap
-import os
 from collections.abc import Iterator
 from pathlib import Path
 

@@ -1,0 +1,106 @@
+"""The progressive flow: rounds of prune (mask grows) -> fine-tune (mask fixed) -> evaluate.
+
+Each round's pruning runs the one-shot flow as a subflow (its block tasks, caching
+and progress artifact included) on `RUN_DIR/rounds/round_KK/prune`; mask, fine-tune
+and evaluation are tasks wrapping `stages.progressive`. The run directory is the source
+of truth: a new flow run on the same run directory starts at the first unfinished
+round (inside it: at the first unpruned block, or the last fine-tuning checkpoint),
+finishes at most `cfg.rounds_per_run` rounds, and logs that there is nothing to do
+once the schedule is complete. The `sparsegpt-progressive` deployment in prefect.yaml
+runs it on a cron schedule with a concurrency limit of 1.
+
+Artifacts: a progress artifact over the rounds' steps (it moves every fine-tuning
+step) and a markdown table of every finished round.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
+
+from flows.oneshot import artifact_key, oneshot
+from stages import progressive as pg
+from stages.config import PruneConfig
+from stages.rundir import RunLock, sweep_tmp
+
+
+@task(name="dense-perplexity")
+def dense_perplexity(cfg: pg.ProgressiveConfig) -> dict:
+    return pg.dense_perplexity(cfg)
+
+
+@task(name="mask", task_run_name="round-{k:02d}-mask")
+def mask(cfg: pg.ProgressiveConfig, k: int, pruned_model: Path) -> dict:
+    rec = pg.mask_round(cfg, k, pruned_model)
+    return {key: v for key, v in rec.items() if key != "files"}
+
+
+@task(name="evaluate", task_run_name="round-{k:02d}-evaluate")
+def evaluate(cfg: pg.ProgressiveConfig, k: int) -> dict:
+    return pg.evaluate_round(cfg, k)
+
+
+class _Progress:
+    """The flow's progress artifact: each round counts as 3 steps (prune, fine-tune, evaluate)."""
+
+    def __init__(self, cfg: pg.ProgressiveConfig, rounds: list[int]) -> None:
+        self.cfg, self.rounds = cfg, rounds
+        self.id = create_progress_artifact(
+            progress=0.0, key=artifact_key(cfg.run_dir) + "-rounds", description=f"progressive rounds {rounds} of {cfg.run_dir}"
+        )
+
+    def update(self, k: int, stage: int, fraction: float, what: str) -> None:
+        done = self.rounds.index(k) * 3 + stage + fraction
+        update_progress_artifact(self.id, progress=100.0 * done / (3 * len(self.rounds)),
+                                 description=f"round {k}/{self.cfg.rounds} ({self.cfg.schedule[k - 1]}): {what}")
+
+
+def _steps(cfg: pg.ProgressiveConfig, progress: _Progress) -> pg.RoundSteps:
+    logger = get_run_logger()
+
+    def prune(pcfg: PruneConfig) -> dict:
+        k = int(Path(pcfg.run_dir).parent.name.split("_")[-1])
+        progress.update(k, 0, 0.0, "pruning")
+        return oneshot.with_options(flow_run_name=f"round-{k:02d}-prune")(pcfg)
+
+    @task(name="finetune", task_run_name="round-{k:02d}-finetune")
+    def finetune(cfg: pg.ProgressiveConfig, k: int, teacher: Path) -> dict:
+        def on_step(i: int, total: int, losses: dict) -> None:
+            if i == total or i % max(1, total // 50) == 0:
+                progress.update(k, 1, i / total, f"fine-tuning step {i}/{total}, loss {losses['total']:.4f}")
+
+        rec = pg.finetune_round(cfg, k, teacher, on_step=on_step)
+        logger.info("round %d: fine-tuned %d steps, %d tokens", k, rec.get("steps", 0), rec.get("tokens", 0))
+        return {key: v for key, v in rec.items() if key not in ("files", "losses")}
+
+    def evaluate_step(cfg: pg.ProgressiveConfig, k: int) -> dict:
+        progress.update(k, 2, 0.0, "evaluating")
+        out = evaluate(cfg, k)
+        progress.update(k, 3, 0.0, "done")
+        return out
+
+    return pg.RoundSteps(prune=prune, mask=mask, finetune=finetune, evaluate=evaluate_step)
+
+
+@flow(name="sparsegpt-progressive", log_prints=True)
+def progressive(cfg: pg.ProgressiveConfig) -> dict:
+    """Advance the progressive schedule of ``cfg.run_dir`` by at most ``cfg.rounds_per_run`` rounds."""
+    logger = get_run_logger()
+    with RunLock(cfg.run_dir):
+        sweep_tmp(cfg.run_dir)
+        dense = pg.prepare(cfg)
+        todo = pg.rounds_to_run(cfg)
+        if todo:
+            logger.info("rounds to run now: %s of %d (schedule %s)", todo, cfg.rounds, ",".join(cfg.schedule))
+            dense_perplexity(cfg)
+            steps = _steps(cfg, _Progress(cfg, todo))
+            for k in todo:
+                rec = pg.run_round(cfg, k, dense, steps)
+                logger.info("round %d done: sparsity %.4f, ppl %s -> %s", k, rec["sparsity"], rec["ppl_before"], rec["ppl_after"])
+        s = pg.write_summary(cfg)
+    message = pg.progress_message(cfg, todo)
+    logger.info(message)
+    create_markdown_artifact(markdown=pg.summary_markdown(s), key="sparsegpt-progressive", description=message)
+    return {"done_now": todo, "remaining": cfg.rounds - len(s["rounds"]), "message": message, "summary": s}

@@ -1,0 +1,102 @@
+"""The progressive flow on a tiny Llama, called directly and as a scheduled deployment run by a real worker.
+
+The deployment test uses the session's temporary Prefect server (a real API server in
+a subprocess) through the `prefect` CLI: `prefect deploy` reads prefect.yaml, then each
+`prefect deployment run` is picked up by `prefect worker start --run-once`, which runs
+the flow in a fresh process like any deployment run. Two runs advance one round each;
+the third finds the schedule complete and says so.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, LogFilter
+from prefect.settings import PREFECT_API_URL
+
+import flows.progressive as flow_mod
+from flows.oneshot import artifact_key
+from flows.progressive import progressive
+from stages.progressive import ProgressiveConfig, RoundPaths
+from stages.rundir import verify_record
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def tiny_cfg(model_dir: Path, run_dir: Path, **kw) -> ProgressiveConfig:
+    base = dict(
+        model=str(model_dir), run_dir=str(run_dir), schedule=(0.4, 0.6), calib="pydoc", nsamples=4, seqlen=32,
+        blocksize=16, batch_size=4, finetune_data="pydoc", tokens_per_round=2 * 2 * 32, micro_batch_size=2,
+        checkpoint_every=1, rounds_per_run=1, eval=("pydoc",), eval_windows=2, progress=False,
+    )  # fmt: skip
+    return ProgressiveConfig(**{**base, **kw})
+
+
+def test_flow_advances_one_round_per_run_and_publishes_the_curve(tiny_llama_dir, tmp_path, monkeypatch):
+    cfg = tiny_cfg(tiny_llama_dir, tmp_path / "p")
+    sent: list[float] = []
+    real_update = flow_mod.update_progress_artifact
+    monkeypatch.setattr(flow_mod, "update_progress_artifact",
+                        lambda aid, progress, description=None: (sent.append(progress), real_update(aid, progress=progress, description=description))[1])  # fmt: skip
+
+    first = progressive(cfg)
+    assert first["done_now"] == [1] and first["remaining"] == 1 and "run again" in first["message"]
+    assert sent and sent[-1] == pytest.approx(100.0) and sent == sorted(sent)
+    second = progressive(cfg)
+    assert second["done_now"] == [2] and second["remaining"] == 0
+    third = progressive(cfg)
+    assert third["done_now"] == [] and "nothing to do" in third["message"]
+
+    rows = third["summary"]["rounds"]
+    assert [r["target"] for r in rows] == [0.4, 0.6] and all(r["steps"] == 2 for r in rows)
+    assert rows == json.loads((tmp_path / "p" / "summary.json").read_text())["rounds"]
+    with get_client(sync_client=True) as client:
+        arts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["sparsegpt-progressive"])))
+        assert arts and "2 of 2 rounds done (schedule complete)" in arts[0].data
+        assert f"{rows[1]['ppl_before']['pydoc']:.2f} -> {rows[1]['ppl_after']['pydoc']:.2f}" in arts[0].data
+        prog = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[artifact_key(cfg.run_dir) + "-rounds"])))
+        assert prog and prog[0].data == pytest.approx(100.0)
+
+
+def _prefect(args: list[str], env: dict, timeout: int = 300) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "prefect", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"prefect {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc
+
+
+def test_scheduled_deployment_runs_advance_rounds_then_find_nothing_to_do(tiny_llama_dir, tmp_path):
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "PREFECT_HOME": str(tmp_path / "prefect-home"),
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PYTHONPATH": str(REPO)}  # fmt: skip
+    _prefect(["work-pool", "create", "--type", "process", "--overwrite", "local-process"], env)
+    _prefect(["--no-prompt", "deploy", "--name", "sparsegpt-progressive"], env)
+
+    with get_client(sync_client=True) as client:
+        dep = client.read_deployment_by_name("sparsegpt-progressive/sparsegpt-progressive")
+        assert dep.global_concurrency_limit is not None and dep.global_concurrency_limit.limit == 1
+        assert dep.concurrency_options.collision_strategy == "ENQUEUE"
+        assert [s.schedule.cron for s in dep.schedules] == ["0 */2 * * *"] and dep.schedules[0].active
+        assert dep.parameters["cfg"]["rounds_per_run"] == 1
+
+    cfg = tiny_cfg(tiny_llama_dir, tmp_path / "deployed")
+    param = json.dumps({**asdict(cfg), "schedule": list(cfg.schedule), "eval": list(cfg.eval), "distill": list(cfg.distill)})
+    messages = []
+    for expected_done in (1, 2, 2):
+        out = _prefect(["deployment", "run", "sparsegpt-progressive/sparsegpt-progressive", "--param", f"cfg={param}"], env)
+        run_id = next(line.split()[-1] for line in out.stdout.splitlines() if "UUID" in line)
+        _prefect(["worker", "start", "--pool", "local-process", "--run-once", "--limit", "1"], env, timeout=600)
+        with get_client(sync_client=True) as client:
+            state = client.read_flow_run(run_id).state
+            assert state.is_completed(), f"deployment run ended {state.type}: {state.message}"
+            logs = " ".join(log.message for log in client.read_logs(LogFilter(flow_run_id={"any_": [run_id]})))
+        done = [k for k in (1, 2) if verify_record(RoundPaths(cfg.round_dir(k)).record) is not None]
+        assert len(done) == expected_done
+        messages.append(logs)
+    assert "finished round 1 of 2" in messages[0] and "finished round 2 of 2" in messages[1]
+    assert "schedule complete: all 2 rounds" in messages[2] and "nothing to do" in messages[2]
