@@ -28,6 +28,8 @@ def run_status(run_dir: Path) -> str:
         raise ValueError(f"{run_dir} is not a run directory (no {RUN_JSON}); start one with `sparsegpt prune`")
     run = json.loads(meta.read_text())
     cfg = run["config"]
+    if "schedule" in cfg:
+        return progressive_status(run_dir, run)
     lines = [f"run {run_dir}  (config {run['config_hash'][:12]}, created {run.get('created', '?')})",
              f"model {cfg['model']}  method {cfg['method']}  target {cfg.get('nm') or cfg['sparsity']}  "
              f"calib {cfg['calib']} {cfg['nsamples']}x{cfg['seqlen']}"]
@@ -54,5 +56,36 @@ def run_status(run_dir: Path) -> str:
         lines.append(f"achieved sparsity: {m['sparsity']['overall']:.4f}")
     else:
         lines.append("evaluation: not yet")
+    lines.append(f"disk: {_mb(_size(run_dir))} in all")
+    return "\n".join(lines)
+
+
+def progressive_status(run_dir: Path, run: dict) -> str:
+    """Rounds done and left of a progressive run, and where the unfinished round stands."""
+    cfg = run["config"]
+    schedule = [str(t) for t in cfg["schedule"]]
+    lines = [f"progressive run {run_dir}  (config {run['config_hash'][:12]}, created {run.get('created', '?')})",
+             f"model {cfg['model']}  schedule {','.join(schedule)}  fine-tuning {cfg['tokens_per_round']} tokens "
+             f"per round of {cfg['finetune_data']}"]
+    for k, target in enumerate(schedule, start=1):
+        root = run_dir / "rounds" / f"round_{k:02d}"
+        rec = verify_record(root / "round.json", quick=True)
+        if rec is not None:
+            ppl = ", ".join(f"{lab} {rec['ppl_before'][lab]:.2f} -> {rec['ppl_after'][lab]:.2f}" for lab in rec["ppl_after"])
+            lines.append(f"round {k} ({target}): done, sparsity {rec['sparsity']:.4f}, {rec['tokens']} tokens, "
+                         f"{rec['seconds']:.0f} s" + (f", ppl before -> after fine-tuning: {ppl}" if ppl else ""))
+            continue
+        if not root.exists():
+            lines.append(f"round {k} ({target}): not started")
+            continue
+        blocks = [r for r in (verify_record(p, quick=True) for p in sorted((root / "prune" / "blocks").glob("block_*.json"))) if r]
+        pruned = verify_record(root / "prune" / "model.json", quick=True) is not None
+        step = f"pruning, {len(blocks)} blocks done" if not pruned else "pruned"
+        ckpts = sorted((root / "finetune" / "ckpt").glob("step_*"))
+        if verify_record(root / "finetune" / "finetune.json", quick=True) is not None:
+            step += ", fine-tuned, evaluating"
+        elif ckpts:
+            step += f", fine-tuning (last checkpoint {ckpts[-1].name})"
+        lines.append(f"round {k} ({target}): in progress: {step}")
     lines.append(f"disk: {_mb(_size(run_dir))} in all")
     return "\n".join(lines)

@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import re
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -19,6 +24,7 @@ from stages.progressive import (
     summary_markdown,
 )
 from stages.rundir import RunError, verify_record
+from stages.status import run_status
 
 
 def tiny_progressive(model_dir: Path, run_dir: Path, **kw) -> ProgressiveConfig:
@@ -64,6 +70,9 @@ def test_rounds_grow_the_mask_keep_it_through_finetuning_and_advance_per_run(tin
     first = run_progressive(cfg)
     assert first.done_now == [1, 2] and first.remaining == 1
     assert "run again to continue" in first.message
+    status = run_status(tmp_path / "p")
+    assert re.search(r"round 1 \(0\.3\): done, sparsity 0\.\d{4}, 192 tokens", status) and "round 2 (0.5): done" in status
+    assert "round 3 (0.7): not started" in status
     second = run_progressive(cfg)
     assert second.done_now == [3] and second.remaining == 0
     third = run_progressive(cfg)
@@ -125,6 +134,37 @@ def test_resumed_finetune_gives_the_same_round_as_an_uninterrupted_one(tiny_llam
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_sigkill_while_pruning_fine_tuning_and_evaluating_then_resume_gives_the_same_rounds(tiny_llama_dir, tmp_path):
+    """One run directory through a chain of real SIGKILLs inside round 2, then a run to the end."""
+    reference = tiny_progressive(tiny_llama_dir, tmp_path / "whole", schedule="0.4,0.6")
+    run_progressive(reference)
+    cfg = tiny_progressive(tiny_llama_dir, tmp_path / "killed", schedule="0.4,0.6")
+    driver = Path(__file__).with_name("progressive_kill_driver.py")
+    env = {**os.environ, "PYTHONPATH": str(driver.parents[2]), "TOKENIZERS_PARALLELISM": "false"}
+    kills = (
+        "rounds/round_02/prune/blocks/block_001.json",  # pruning, between blocks
+        "rounds/round_02/finetune/ckpt/step_00000002/train_state.pt",  # fine-tuning, mid-checkpoint
+        "rounds/round_02/eval/before-pydoc-s32-w2.json",  # evaluating
+    )
+    for point in (*[f"after:{k}" for k in kills], "none"):
+        proc = subprocess.run([sys.executable, str(driver), json.dumps(cfg.to_dict()), point], env=env,
+                              capture_output=True, text=True, timeout=600)  # fmt: skip
+        if point == "none":
+            assert proc.returncode == 0, proc.stderr[-2000:]
+            assert "finished round 2 of 2" in proc.stdout
+        else:
+            assert proc.returncode == -signal.SIGKILL, f"{point}: {proc.returncode}\n{proc.stderr[-2000:]}"
+            assert (cfg.root() / point.split(":", 1)[1]).is_file()
+            assert verify_record(RoundPaths(cfg.round_dir(2)).record) is None
+    for k in (1, 2):
+        a, b = weights(reference.round_model(k)), weights(cfg.round_model(k))
+        assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a), f"round {k}"
+    ref_rows = json.loads((tmp_path / "whole" / "summary.json").read_text())["rounds"]
+    rows = json.loads((tmp_path / "killed" / "summary.json").read_text())["rounds"]
+    for key in ("sparsity", "ppl_before", "ppl_after", "tokens", "steps", "final_loss"):
+        assert [r[key] for r in rows] == [r[key] for r in ref_rows], key
+
+
 def test_a_different_schedule_is_refused_and_run_settings_may_change(tiny_llama_dir, tmp_path):
     cfg = tiny_progressive(tiny_llama_dir, tmp_path / "p", schedule="0.4,0.6", rounds_per_run=1, eval=())
     run_progressive(cfg)
@@ -146,3 +186,15 @@ def test_nm_schedule_grows_one_pattern_into_the_next_without_finetuning(tiny_lla
     row = json.loads((tmp_path / "p" / "summary.json").read_text())["rounds"][1]
     assert row["ppl_before"] == row["ppl_after"] and row["tokens"] == 0
     assert Path(row["model"]) == cfg.round_dir(2) / "prune" / "model"
+
+
+def test_cli_rejects_bad_progressive_settings_with_one_line(tmp_path, capsys):
+    from flows.cli import main
+
+    assert main(["progressive", "m", "--run-dir", str(tmp_path / "p"), "--schedule", "0.7,0.5"]) == 2
+    assert capsys.readouterr().err.strip() == "error: schedule targets must rise round by round (the mask only grows), got 0.7,0.5"
+    assert main(["progressive", "m", "--run-dir", str(tmp_path / "p"), "--schedule", "0.5", "--nm", "2:4"]) == 2
+    assert "either --schedule or --nm" in capsys.readouterr().err
+    assert main(["progressive", "m", "--run-dir", str(tmp_path / "p"), "--distill", "kl,mse"]) == 2
+    assert "unknown distillation loss 'mse'" in capsys.readouterr().err
+    assert not (tmp_path / "p").exists()
