@@ -19,6 +19,7 @@ from stages.tasks import (
     choice_length,
     encode_pair,
     evaluate_tasks,
+    length_batches,
     load_task,
     loglikelihood,
     parse_task_spec,
@@ -256,3 +257,14 @@ def test_acc_norm_divides_by_characters_as_lm_eval(tiny) -> None:
     (score,) = score_items(uniform, tok, [item], max_length=64)
     assert score.lls == pytest.approx((-4 * math.log(128), -3 * math.log(128)))
     assert (score.pred, score.pred_norm) == (1, 0)
+
+
+def test_batches_end_before_rows_much_shorter_than_the_batch(tiny) -> None:
+    _, tok = tiny
+    shapes = []
+    uniform = lambda ids: shapes.append(tuple(ids.shape)) or torch.zeros(*ids.shape, 128)  # noqa: E731
+    reqs = [("a" * n, " x") for n in (60, 28, 55, 5, 30)]  # input rows of n + 1 tokens
+    res = loglikelihood(uniform, tok, reqs, batch_size=8, max_length=64)
+    assert shapes == [(2, 61), (2, 31), (1, 6)]  # 56 >= 0.75 * 61 joins, 31 does not; 6 < 0.75 * 31
+    assert [ll for ll, _ in res] == pytest.approx([-2 * math.log(128)] * 5)
+    assert [len(b) for b in length_batches([((0,) * 10,)] * 5, batch_size=2)] == [2, 2, 1]
