@@ -264,3 +264,17 @@ def test_evaluate_flow_agrees_with_the_oneshot_metrics(reference):
     dense = evaluate(cfg.model, ["pydoc"], seqlen=32, windows=2, return_state=True)
     assert dense.is_completed()
     assert dense.result()["pydoc"]["ppl"] == pytest.approx(metrics["pydoc"]["dense_ppl"], rel=1e-5)
+
+
+def test_cli_eval_prints_perplexity_and_task_tables(reference, capsys):
+    from flows.cli import main
+
+    cfg, state, _ = reference
+    metrics = state.result()
+    model = str(Path(cfg.run_dir) / "model")
+    assert main(["eval", model, "--eval", "pydoc", "--seqlen", "32", "--eval-windows", "2",
+                 *(["--tasks", ",".join(TASKS), "--limit", "2"] if TASKS else [])]) == 0
+    out = capsys.readouterr().out
+    assert f"| pydoc | 2 x 32 | {metrics['pydoc']['ppl']:.2f} |" in out
+    if TASKS:
+        assert f"| boolq | 2 | acc | {metrics['tasks']['boolq']['pruned']['acc']:.4f} |" in out
