@@ -53,6 +53,8 @@ class RunData:
     @property
     def series(self) -> str:
         """Method and pattern, e.g. ``sparsegpt 2:4``, ``wanda unstructured +owl``: points of one series."""
+        if self.summary is not None:
+            return "progressive"
         cfg = self.config
         name = f"{cfg.get('method', '?')} {cfg.get('nm') or 'unstructured'}"
         if cfg.get("owl"):
@@ -97,15 +99,20 @@ def _read_json(path: Path) -> dict | None:
 
 
 def load_run(run_dir: str | Path) -> RunData:
-    """Read a run directory; ValueError if it is none or has nothing finished to report."""
+    """Read a run directory; ValueError if it is none or has nothing finished to report.
+
+    A progressive run is recognised by its `summary.json` (a "rounds" list); its
+    `run.json` holds the progressive config, and `progressive.json` may stand in for it.
+    """
     root = Path(run_dir)
-    progressive = (root / "progressive.json").is_file()
-    if not (root / RUN_JSON).is_file() and not progressive:
+    summary = _read_json(root / "summary.json")
+    if summary is not None and not isinstance(summary.get("rounds"), list):
+        summary = None
+    if not (root / RUN_JSON).is_file() and not (root / "progressive.json").is_file():
         raise ValueError(f"{root} is not a run directory (no {RUN_JSON}); pass the --run-dir of a `sparsegpt prune` run")
     blocks = [r for p in sorted((root / "blocks").glob("block_*.json")) if (r := verify_record(p, quick=True))]
     metrics = _read_json(root / "eval" / "metrics.json")
-    summary = _read_json(root / "summary.json") if progressive else None
-    if not blocks and metrics is None and not (summary and summary.get("rounds")):
+    if not blocks and metrics is None and not (summary and summary["rounds"]):
         raise ValueError(f"{root} has no finished blocks and no eval/metrics.json yet; rerun its `sparsegpt prune` "
                          "command to finish the run, then report")
     config = (metrics or {}).get("config") or (_read_json(root / RUN_JSON) or {}).get("config") or {}
@@ -132,7 +139,7 @@ def _f(x: float | None, digits: int = 4) -> str:
 def _summary_part(run: RunData) -> list[Part]:
     cfg = run.config
     rows = [["run directory", str(run.root)], ["model", str(cfg.get("model", "?"))], ["method / pattern", run.series],
-            ["target sparsity", str(cfg.get("nm") or cfg.get("sparsity", "?"))],
+            ["target sparsity", str(cfg.get("nm") or cfg.get("sparsity") or ", ".join(map(str, (run.summary or {}).get("schedule", ["?"]))))],
             ["calibration", f"{cfg.get('calib', '?')}, {cfg.get('nsamples', '?')} x {cfg.get('seqlen', '?')} tokens"],
             ["blocks pruned", str(len(run.blocks))], ["achieved sparsity", _f(run.sparsity)]]
     if run.blocks:
@@ -317,7 +324,7 @@ def comparison_parts(runs: list[RunData]) -> list[Part]:
     rows = []
     for r in runs:
         (sparsity, ppl), scores = r.final(), (r.metrics or {}).get("tasks") or {}
-        rows.append([r.name, "progressive" if r.summary else r.series, _f(sparsity),
+        rows.append([r.name, r.series, _f(sparsity),
                      *[f"{ppl[lab]['ppl']:.2f} ({ppl[lab]['dense_ppl']:.2f})" if lab in ppl else "-" for lab in labels],
                      *[_f(scores[t]["pruned"]["acc"]) if t in scores else "-" for t in tasks]])
     return [("h1", f"SparseGPT comparison of {len(runs)} runs"), ("table", headers, rows),

@@ -43,10 +43,11 @@ def run_copy(evaluated_run, tmp_path) -> Path:
 
 @pytest.fixture()
 def progressive_dir(tmp_path) -> Path:
+    """A finished progressive run as its flow leaves it: run.json, summary.json, rounds/ (no blocks/ at the top)."""
     root = tmp_path / "progressive"
-    root.mkdir()
-    (root / "progressive.json").write_text(json.dumps({"targets": [0.5, 0.7]}))
-    (root / "summary.json").write_text(json.dumps(SUMMARY))
+    (root / "rounds" / "round_01").mkdir(parents=True)
+    (root / "run.json").write_text(json.dumps({"config": {"model": "m", "schedule": ["0.5", "0.7"]}}))
+    (root / "summary.json").write_text(json.dumps({"schedule": ["0.5", "0.7"], **SUMMARY, "complete": True}))
     return root
 
 
@@ -108,7 +109,10 @@ def test_progressive_run_shows_the_round_curve(progressive_dir, monkeypatch):
     md = (progressive_dir / "eval" / "report.md").read_text()
     assert "| 1 | 0.500 | 0.5000 | 30.00 / 22.00 | 1000 | 3.5 |" in md
     assert "| 2 | 0.700 | 0.7001 | 60.00 / 35.00 | 2000 | 4.0 |" in md
+    assert "| target sparsity | 0.5, 0.7 |" in md and "| method / pattern | progressive |" in md
     assert "![perplexity by round](rounds.png)" in md and (progressive_dir / "eval" / "rounds.png").is_file()
+    (progressive_dir / "run.json").rename(progressive_dir / "progressive.json")  # progressive.json stands in for run.json
+    assert load_run(progressive_dir).summary["rounds"] == SUMMARY["rounds"]
 
 
 def test_several_runs_side_by_side(run_copy, progressive_dir, tmp_path, evaluated_run):
