@@ -51,8 +51,16 @@ def test_progress_moves_per_model_and_spec(evaluated_run):
                      (4, 6, "dense arc_easy"), (5, 6, "pruned boolq"), (6, 6, "pruned arc_easy")]
 
 
-def test_rerun_uses_the_records_and_rescores_only_what_changed(evaluated_run, tmp_path, monkeypatch):
+@pytest.fixture()
+def own_run(evaluated_run, tmp_path):
+    """The evaluated run copied, with its eval records, so that a rerun leaves the shared one as it was."""
     cfg, run, metrics, _ = evaluated_run
+    shutil.copytree(run.root, tmp_path / "run", ignore=shutil.ignore_patterns("acts"))
+    return replace(cfg, run_dir=str(tmp_path / "run")), replace(run, root=tmp_path / "run"), metrics
+
+
+def test_rerun_uses_the_records_and_rescores_only_what_changed(own_run, tmp_path, monkeypatch):
+    cfg, run, metrics = own_run
     scored: list[str] = []
     real = stages.evaluate.evaluate_tasks
 
@@ -72,8 +80,8 @@ def test_rerun_uses_the_records_and_rescores_only_what_changed(evaluated_run, tm
     assert changed["tasks"]["arc_easy"]["pruned"]["acc"] == metrics["tasks"]["arc_easy"]["pruned"]["acc"]
 
 
-def test_evaluate_run_keeps_the_positional_signature_without_tasks(evaluated_run):
-    cfg, run, metrics, _ = evaluated_run
+def test_evaluate_run_keeps_the_positional_signature_without_tasks(own_run):
+    cfg, run, metrics = own_run
     out = evaluate_run(replace(cfg, tasks=()), run, torch.float32, block_records(run), {})
     assert "tasks" not in out and out["pydoc"] == metrics["pydoc"]
 
