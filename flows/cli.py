@@ -1,8 +1,9 @@
-"""The `sparsegpt` command line: prune, eval, status.
+"""The `sparsegpt` command line: prune, eval, progressive, report, status.
 
-    sparsegpt prune MODEL --run-dir runs/x --sparsity 0.5 [--nm 2:4] [--method wanda] ...
-    sparsegpt eval MODEL --eval SPEC [--eval SPEC ...] [--seqlen 2048 --eval-windows N]
+    sparsegpt prune MODEL --run-dir runs/x --sparsity 0.5 [--nm 2:4] [--method wanda] [--tasks SPEC,...] ...
+    sparsegpt eval MODEL [--eval SPEC ...] [--tasks SPEC,SPEC,...] [--limit N] [--seqlen 2048 --eval-windows N]
     sparsegpt progressive MODEL --run-dir runs/p --schedule 0.5,0.6,0.7,0.8 [--tokens-per-round N] ...
+    sparsegpt report runs/x [runs/y ...] [--out DIR]
     sparsegpt status runs/x
 
 Bad input ends with one line `error: ...` naming the problem and the fix, exit code 2.
@@ -48,18 +49,32 @@ def _add_prune(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--eval", action="append", default=[], metavar="SPEC", help="evaluation SPEC (repeatable)")
     p.add_argument("--eval-seqlen", type=int, default=None, help="defaults to --seqlen")
     p.add_argument("--eval-windows", type=int, default=None, help="evaluate only the first N windows")
+    _add_tasks(p)
     p.add_argument("--device", default="cpu")
     p.add_argument("--trust-remote-code", action="store_true")
     p.add_argument("--no-progress", action="store_true")
 
 
+def _add_tasks(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tasks", action="append", default=[], metavar="SPEC,SPEC",
+                   help="zero-shot tasks: lambada|piqa|arc_easy|arc_challenge|hellaswag|winogrande|boolq|storycloze"
+                        "[=PATH], comma-separated (repeatable); a bare NAME loads the hub copy")
+    p.add_argument("--limit", type=int, default=None, help="score only the first N items of each task")
+
+
+def _task_specs(values: list[str]) -> tuple[str, ...]:
+    """``["piqa=a.jsonl,boolq=b.jsonl", "lambada=c"]`` -> each SPEC, blanks dropped."""
+    return tuple(s.strip() for v in values for s in v.split(",") if s.strip())
+
+
 def _add_eval(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("eval", help="perplexity of a model on dataset SPECs")
+    p = sub.add_parser("eval", help="perplexity on dataset SPECs and zero-shot task scores of a model")
     p.add_argument("model")
-    p.add_argument("--eval", action="append", required=True, metavar="SPEC")
+    p.add_argument("--eval", action="append", default=[], metavar="SPEC")
+    _add_tasks(p)
     p.add_argument("--seqlen", type=int, default=2048)
     p.add_argument("--eval-windows", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--batch-size", type=int, default=4, help="windows or task rows per forward pass")
     p.add_argument("--device", default="cpu")
     p.add_argument("--trust-remote-code", action="store_true")
 
@@ -123,6 +138,13 @@ def _progressive(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_report(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("report", help="per-layer report, plots and HTML of one run, or several side by side")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    p.add_argument("--out", default=None, help="where the comparison of several runs goes (default: the first "
+                   "run's eval/); for one run, where its report goes (default: RUN_DIR/eval)")
+
+
 def _prune(args: argparse.Namespace) -> int:
     from stages.config import PruneConfig
 
@@ -132,7 +154,7 @@ def _prune(args: argparse.Namespace) -> int:
         blocksize=args.blocksize, percdamp=args.percdamp, damp_retries=args.damp_retries, owl=args.owl,
         owl_lambda=args.owl_lambda, trust_remote_code=args.trust_remote_code, eval=tuple(args.eval),
         eval_seqlen=args.eval_seqlen, eval_windows=args.eval_windows, eval_batch_size=args.eval_batch_size,
-        device=args.device, batch_size=args.batch_size, keep_acts=args.keep_acts, progress=not args.no_progress,
+        tasks=_task_specs(args.tasks), task_limit=args.limit, device=args.device, batch_size=args.batch_size, keep_acts=args.keep_acts, progress=not args.no_progress,
     )
     t_import = time.perf_counter()
     from flows.oneshot import metrics_markdown, oneshot
@@ -145,21 +167,33 @@ def _prune(args: argparse.Namespace) -> int:
     print(metrics_markdown(metrics, cfg))
     stages = ", ".join(f"{k} {v:.1f}s" for k, v in metrics["timings"].items())
     evals = sum(m.get("seconds", 0) + m.get("dense_seconds", 0) for m in metrics.values() if isinstance(m, dict))
+    evals += sum(m[w]["seconds"] for m in (metrics.get("tasks") or {}).values() for w in ("dense", "pruned"))
     print(f"\ntimings: start-up (imports) {startup:.1f}s, flow {time.perf_counter() - t_flow:.1f}s "
           f"[{stages}, evaluate {evals:.1f}s], total {total:.1f}s")
-    print(f"pruned model: {Path(cfg.run_dir) / 'model'}   metrics: {Path(cfg.run_dir) / 'eval' / 'metrics.json'}")
+    print(f"pruned model: {Path(cfg.run_dir) / 'model'}   metrics: {Path(cfg.run_dir) / 'eval' / 'metrics.json'}   "
+          f"report: {Path(cfg.run_dir) / 'eval' / 'report.html'}")
     del t_import
     return 0
 
 
 def _eval(args: argparse.Namespace) -> int:
+    tasks = list(_task_specs(args.tasks))
+    from flows.evaluate import check_request, eval_markdown
+
+    check_request(args.eval, tasks, args.limit)  # before Prefect starts
     from flows.evaluate import evaluate
 
     res = evaluate(args.model, args.eval, args.seqlen, args.eval_windows, args.device, args.batch_size,
-                   args.trust_remote_code)
-    print("| dataset | windows x seqlen | ppl |\n|---|---|---|")
-    for label, m in res.items():
-        print(f"| {label} | {m['windows']} x {m['seqlen']} | {m['ppl']:.2f} |")
+                   args.trust_remote_code, tasks, args.limit)
+    print(eval_markdown(res))
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from stages.report import write_report
+
+    for path in write_report(args.run_dirs, args.out):
+        print(path)
     return 0
 
 
@@ -177,13 +211,14 @@ def main(argv: list[str] | None = None) -> int:
     _add_prune(sub)
     _add_eval(sub)
     _add_progressive(sub)
+    _add_report(sub)
     st = sub.add_parser("status", help="what is done and left in a run directory")
     st.add_argument("run_dir")
     args = parser.parse_args(argv)
     from stages.rundir import RunError
 
     try:
-        return {"prune": _prune, "eval": _eval, "status": _status, "progressive": _progressive}[args.command](args)
+        return {"prune": _prune, "eval": _eval, "report": _report, "status": _status, "progressive": _progressive}[args.command](args)
     except (ValueError, RunError, FileNotFoundError) as exc:
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         print(f"error: {msg}", file=sys.stderr)

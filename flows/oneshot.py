@@ -7,7 +7,10 @@ on the same run directory resumes where the last one stopped. As a second layer,
 task results are persisted under `RUN_DIR/.prefect/` with cache keys made of the
 config hash, the stage and the block index (only once the stage's record exists),
 so a retried flow run shows finished tasks as "Cached". While blocks are pruned, a
-tqdm bar (`cfg.progress`) and a Prefect progress artifact show where the run stands.
+tqdm bar (`cfg.progress`) and a Prefect progress artifact show where the run stands;
+a second progress artifact moves during evaluation, one step per (model, SPEC). At
+the end the flow writes the run's report (`stages.report`) and publishes the metrics
+(Markdown and table artifacts) and the report's Markdown.
 """
 
 from __future__ import annotations
@@ -20,7 +23,12 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
+from prefect.artifacts import (
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
 from prefect.transactions import get_transaction
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
@@ -28,6 +36,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from stages import oneshot as st
 from stages.config import PruneConfig
 from stages.evaluate import evaluate_run
+from stages.report import write_report
 from stages.rundir import RunLock, config_hash, sweep_tmp, verify_record
 
 RecordOf = Callable[[st.Run, Any], Path]
@@ -113,13 +122,32 @@ def assemble(cfg: PruneConfig, run: st.Run) -> dict:
 
 @task(name="evaluate")
 def evaluate(cfg: PruneConfig, run: st.Run, records: list[dict], timings: dict) -> dict:
-    return evaluate_run(cfg, run, st.compute_dtype(cfg, run.model_dir), records, timings)
+    """Dense vs pruned perplexity and task scores, with a progress artifact moving per (model, SPEC)."""
+    progress = None
+    if cfg.eval or cfg.tasks:
+        where = f"{cfg.run_dir}: dense and pruned {', '.join((*cfg.eval, *cfg.tasks))}"
+        artifact = create_progress_artifact(progress=0.0, key=artifact_key(cfg.run_dir, "eval-progress"),
+                                            description=f"evaluating {where}")
+
+        def progress(done: int, total: int, what: str) -> None:
+            update_progress_artifact(artifact, progress=100.0 * done / total, description=f"{done}/{total} ({what}): {where}")
+
+    return evaluate_run(cfg, run, st.compute_dtype(cfg, run.model_dir), records, timings, progress)
 
 
-def artifact_key(run_dir: str | Path) -> str:
-    """The progress artifact's key for a run directory (lowercase letters, digits and dashes only)."""
+@task(name="report")
+def report(cfg: PruneConfig) -> str:
+    """Write eval/report.{md,html} and the PNGs; return the Markdown with image links as file paths."""
+    write_report([cfg.run_dir])
+    eval_dir = Path(cfg.run_dir) / "eval"
+    text = (eval_dir / "report.md").read_text(encoding="utf-8")
+    return re.sub(r"!\[([^\]]*)\]\(([^)]+)\)", lambda m: f"*{m[1]}: `{eval_dir / m[2]}`*", text)
+
+
+def artifact_key(run_dir: str | Path, kind: str = "progress") -> str:
+    """An artifact's key for a run directory (lowercase letters, digits and dashes only)."""
     slug = re.sub(r"[^a-z0-9]+", "-", Path(run_dir).resolve().name.lower()).strip("-")
-    return f"sparsegpt-progress-{slug or 'run'}"
+    return f"sparsegpt-{kind}-{slug or 'run'}"
 
 
 @contextmanager
@@ -171,16 +199,38 @@ def oneshot(cfg: PruneConfig) -> dict:
         timings["assemble"] = time.perf_counter() - t
 
         metrics = evaluate(cfg, run, records, timings)
-    create_markdown_artifact(markdown=metrics_markdown(metrics, cfg), key="sparsegpt-metrics", description=str(Path(cfg.run_dir)))
+        report_md = report(cfg)
+    where = str(Path(cfg.run_dir))
+    create_markdown_artifact(markdown=metrics_markdown(metrics, cfg), key="sparsegpt-metrics", description=where)
+    create_table_artifact(table=metrics_table(metrics), key="sparsegpt-metrics-table", description=where)
+    create_markdown_artifact(markdown=report_md, key="sparsegpt-report", description=f"{where}/eval/report.md")
     return metrics
 
 
 def metrics_markdown(metrics: dict, cfg: PruneConfig) -> str:
-    """A small table of dense vs pruned perplexity, for the CLI and the Prefect UI."""
-    what = cfg.nm or f"{cfg.target:.0%}"
-    lines = [f"| dataset | windows x seqlen | dense ppl | {cfg.method} {what} ppl |", "|---|---|---|---|"]
+    """Small tables of dense vs pruned perplexity and task scores, for the CLI and the Prefect UI."""
+    what = f"{cfg.method} {cfg.nm or f'{cfg.target:.0%}'}"
+    lines = [f"| dataset | windows x seqlen | dense ppl | {what} ppl |", "|---|---|---|---|"]
     for label, m in metrics.items():
         if isinstance(m, dict) and "ppl" in m:
             lines.append(f"| {label} | {m['windows']} x {m['seqlen']} | {m['dense_ppl']:.2f} | {m['ppl']:.2f} |")
+    if metrics.get("tasks"):
+        lines += ["", f"| task | items | metric | dense | {what} |", "|---|---|---|---|---|"]
+        for row in metrics_table(metrics):
+            if row["kind"] == "task":
+                lines.append(f"| {row['name']} | {row['n']} | {row['metric']} | {row['dense']:.4f} | {row['pruned']:.4f} |")
     lines.append(f"\nachieved sparsity of the pruned layers: {metrics['sparsity']['overall']:.4f}")
     return "\n".join(lines)
+
+
+def metrics_table(metrics: dict) -> list[dict]:
+    """One row per (dataset or task, metric): kind, name, metric, n, dense, pruned (a Prefect table artifact)."""
+    rows = [{"kind": "perplexity", "name": label, "metric": "ppl", "n": m["windows"], "dense": m["dense_ppl"], "pruned": m["ppl"]}
+            for label, m in metrics.items() if isinstance(m, dict) and "ppl" in m]
+    for name, m in (metrics.get("tasks") or {}).items():
+        rows += [{"kind": "task", "name": name, "metric": k, "n": m["pruned"]["n"], "dense": m["dense"][k], "pruned": m["pruned"][k]}
+                 for k in ("acc", "acc_norm", "ppl") if k in m["pruned"]]
+    s = metrics["sparsity"]["overall"]
+    rows.append({"kind": "sparsity", "name": "pruned layers", "metric": "sparsity", "n": len(metrics["sparsity"]["per_layer"]),
+                 "dense": 0.0, "pruned": s})
+    return rows

@@ -8,13 +8,15 @@ its resumption; every other field is part of the run's identity.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 from sparsegpt import QuantSpec, check_nm, check_sparsity
 from stages.data import parse_spec
+from stages.task_formats import parse_task_specs
 
 METHODS = ("sparsegpt", "wanda", "magnitude")
-NOT_IDENTITY = ("run_dir", "eval", "eval_seqlen", "eval_windows", "eval_batch_size", "device", "keep_acts", "batch_size", "progress")
+NOT_IDENTITY = ("run_dir", "eval", "eval_seqlen", "eval_windows", "eval_batch_size", "tasks", "task_limit", "device",
+                "keep_acts", "batch_size", "progress")
 
 
 def parse_nm(text: str | None) -> tuple[int, int]:
@@ -74,7 +76,12 @@ class PruneConfig:
     eval_windows: int | None = None
     """Evaluate only the first N windows (quick runs on a CPU)."""
     eval_batch_size: int = 4
-    """Windows per forward pass during evaluation."""
+    """Windows (perplexity) or task rows (zero-shot) per forward pass during evaluation."""
+    tasks: tuple[str, ...] = ()
+    """Zero-shot task SPECs (``piqa=PATH``, ``arc_easy=PATH``, ... or a bare hub NAME) scored on the
+    dense and the pruned model; empty for none."""
+    task_limit: int | None = None
+    """Score only the first N items of each task (quick runs on a CPU)."""
     device: str = "cpu"
     """``cpu`` or ``cuda``: where blocks, Hessians and solves run."""
     batch_size: int = 8
@@ -109,13 +116,17 @@ class PruneConfig:
             raise ValueError(f"eval_seqlen must be at least 2, got {self.eval_seqlen}")
         if self.eval_windows is not None and self.eval_windows < 1:
             raise ValueError(f"eval_windows must be a positive integer, got {self.eval_windows}")
+        if self.task_limit is not None and self.task_limit < 1:
+            raise ValueError(f"task_limit (--limit) must be a positive integer, got {self.task_limit}")
         if self.percdamp < 0 or self.damp_retries < 0 or self.keep_acts < 2:
             raise ValueError("percdamp and damp_retries must be >= 0 and keep_acts >= 2")
         if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ValueError(f"device must be cpu or cuda (or cuda:N), got {self.device!r}")
         for spec in (self.calib, *self.eval):
             parse_spec(spec)
+        parse_task_specs(self.tasks)
         object.__setattr__(self, "eval", tuple(self.eval))
+        object.__setattr__(self, "tasks", tuple(self.tasks))
 
     @property
     def prune_nm(self) -> tuple[int, int]:

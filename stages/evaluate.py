@@ -3,15 +3,19 @@
 `blockwise_perplexity` evaluates a model the way it is pruned: the inputs of block 0
 are captured for all windows, then every block is loaded alone and run over them, and
 the model's head turns the last hidden states into losses. Peak memory is one block
-plus one boundary of activations, whatever the depth. `evaluate_run` writes
-`eval/metrics.json` for a pruned run: dense and pruned perplexity for every eval SPEC,
-the achieved sparsity overall and per layer, and timings.
+plus one boundary of activations, whatever the depth. `score_tasks` gives zero-shot
+task scores (`stages.tasks`), which need the whole model in memory. `evaluate_run`
+writes `eval/metrics.json` for a pruned run: dense and pruned perplexity for every eval
+SPEC, dense and pruned task scores (key "tasks"), the achieved sparsity overall and per
+layer, and timings. Each (model, SPEC) result is a done-record under `eval/`, so a rerun
+only computes what is missing.
 """
 
 from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -21,8 +25,10 @@ from stages.blocks import load_block, run_block, skeleton
 from stages.capture import Head, capture_inputs
 from stages.config import PruneConfig
 from stages.data import parse_spec
-from stages.models import load_tokenizer
-from stages.perplexity import Perplexity, eval_windows, window_losses
+from stages.models import load_tokenizer, max_positions
+from stages.perplexity import Perplexity, causal_lm_forward, eval_windows, window_losses
+from stages.task_formats import parse_task_specs
+from stages.tasks import evaluate_tasks
 from stages.rundir import atomic_write_json, verify_record, write_record
 
 
@@ -90,18 +96,96 @@ def sparsity_report(records: list[dict]) -> dict:
     return {"overall": zeros / total if total else 0.0, "per_layer": per_layer}
 
 
-def evaluate_run(cfg: PruneConfig, run, dtype: torch.dtype, records: list[dict], timings: dict) -> dict:
-    """Dense vs pruned perplexity for every eval SPEC; write eval/metrics.json."""
+def load_causal_lm(model_dir: Path, device: str, dtype: torch.dtype, trust_remote_code: bool = False) -> torch.nn.Module:
+    """The whole checkpoint as an eval-mode causal LM on ``device`` (zero-shot tasks need it in memory)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, trust_remote_code=trust_remote_code)
+    return model.to(device).eval()
+
+
+def score_tasks(
+    model_dir: Path,
+    specs: list[str],
+    limit: int | None,
+    *,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    batch_size: int = 8,
+    trust_remote_code: bool = False,
+    progress: bool = False,
+    cache: Callable[[str], Path] | None = None,
+    step: Callable[[str], None] | None = None,
+) -> dict[str, dict]:
+    """{task name: {"acc", ["acc_norm" | "ppl"], "n", "seconds", "spec"}} of one checkpoint.
+
+    With ``cache`` (task name -> record path), a task whose record verifies and holds the
+    same SPEC is not scored again; the model is loaded only if some task is missing.
+    ``step(name)`` is called after each task. Contexts are cut to the model's positions.
+    """
+    results: dict[str, dict] = {}
+    model = tok = None
+    for spec, parsed in zip(specs, parse_task_specs(specs)):
+        record = cache(parsed.name) if cache is not None else None
+        done = verify_record(record) if record is not None else None
+        if done is None or done.get("spec") != spec:
+            if model is None:
+                model = load_causal_lm(model_dir, device, dtype, trust_remote_code)
+                tok = load_tokenizer(model_dir, trust_remote_code)
+            t0 = time.perf_counter()
+            scores = evaluate_tasks(causal_lm_forward(model), tok, [spec], limit, batch_size,
+                                    max_positions(model.config), progress)[parsed.name]
+            done = {**scores, "spec": spec, "seconds": time.perf_counter() - t0}
+            if record is not None:
+                write_record(record, done, [])
+        results[parsed.name] = done
+        if step is not None:
+            step(parsed.name)
+    return results
+
+
+def evaluate_run(
+    cfg: PruneConfig,
+    run,
+    dtype: torch.dtype,
+    records: list[dict],
+    timings: dict,
+    progress: Callable[[int, int, str], None] | None = None,
+) -> dict:
+    """Dense vs pruned perplexity for every eval SPEC and scores for every task SPEC; write eval/metrics.json.
+
+    ``progress(done, total, what)`` is called after each (model, SPEC) evaluation.
+    """
     seqlen = cfg.eval_seqlen or cfg.seqlen
     out_dir = run.root / "eval"
+    total, count = 2 * (len(cfg.eval) + len(cfg.tasks)), 0
+
+    def step(what: str) -> None:
+        nonlocal count
+        count += 1
+        if progress is not None:
+            progress(count, total, what)
+
     metrics: dict = {}
     for spec in cfg.eval:
         label = parse_spec(spec).label
         key = f"{label}-s{seqlen}-w{cfg.eval_windows or 'all'}"
         dense = perplexity_cached(run.model_dir, spec, seqlen, cfg.eval_windows, out_dir / f"dense-{key}.json", cfg, dtype, f"dense {label}")
+        step(f"dense {label} perplexity")
         pruned = perplexity_cached(run.model, spec, seqlen, cfg.eval_windows, out_dir / f"pruned-{key}.json", cfg, dtype, f"pruned {label}")
+        step(f"pruned {label} perplexity")
         metrics[label] = {**{k: pruned[k] for k in ("ppl", "windows", "seqlen")}, "dense_ppl": dense["ppl"],
                           "seconds": pruned["seconds"], "dense_seconds": dense["seconds"]}
+    if cfg.tasks:
+        scores = {}
+        for which, model_dir in (("dense", run.model_dir), ("pruned", run.model)):
+            scores[which] = score_tasks(
+                model_dir, list(cfg.tasks), cfg.task_limit, device=cfg.device, dtype=dtype,
+                batch_size=cfg.eval_batch_size, trust_remote_code=cfg.trust_remote_code, progress=cfg.progress,
+                cache=lambda name, w=which: out_dir / f"tasks-{w}-{name}-n{cfg.task_limit or 'all'}.json",
+                step=lambda name, w=which: step(f"{w} {name}"),
+            )
+        metrics["tasks"] = {name: {"dense": scores["dense"][name], "pruned": scores["pruned"][name]} for name in scores["dense"]}
     metrics["sparsity"] = sparsity_report(records)
     metrics["timings"] = timings
     metrics["config"] = cfg.to_dict()

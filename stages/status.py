@@ -53,6 +53,9 @@ def run_status(run_dir: Path) -> str:
             if isinstance(v, dict) and "ppl" in v:
                 lines.append(f"eval {label}: ppl {v['ppl']:.2f} (dense {v['dense_ppl']:.2f}), "
                              f"{v['windows']} x {v['seqlen']}")
+        for name, t in (m.get("tasks") or {}).items():
+            lines.append(f"task {name}: acc {t['pruned']['acc']:.4f} (dense {t['dense']['acc']:.4f}), "
+                         f"{t['pruned']['n']} items")
         lines.append(f"achieved sparsity: {m['sparsity']['overall']:.4f}")
     else:
         lines.append("evaluation: not yet")

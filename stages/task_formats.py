@@ -3,7 +3,9 @@
 `read_items(name, path)` reads the standard evaluation file of one task and returns
 its `Item`s: the (context, continuation) requests to score, the gold index and the
 choice texts whose length `acc_norm` divides by. `hub_items(name)` does the same from
-the standard Hugging Face hub dataset (needs internet). Templates are those of
+the standard Hugging Face hub dataset (needs internet). `parse_task_spec("NAME=PATH")`
+checks a task SPEC (the config and the CLI use it before anything is loaded).
+Templates are those of
 lm-eval's task YAMLs (v0.4): e.g. PIQA `Question: {goal}\\nAnswer:` + " " + sol,
 WinoGrande's partial scoring, HellaSwag's `preprocess`. Pure text: no torch here.
 """
@@ -11,7 +13,7 @@ WinoGrande's partial scoring, HellaSwag's `preprocess`. Pure text: no torch here
 import csv
 import json
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -215,6 +217,44 @@ def read_items(name: str, path: Path, limit: int | None = None) -> list[Item]:
                 f"row {i} of {path} does not look like {name}'s format ({why}); expected {FILE_HINTS[name]}"
             ) from e
     return items
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """A parsed task SPEC: which task, from which file."""
+
+    name: str
+    """Task name, one of `TASK_NAMES`."""
+    path: Path | None = None
+    """The task's standard evaluation file; None to load the hub copy."""
+
+    def __post_init__(self) -> None:
+        if self.name not in TASK_NAMES:
+            raise ValueError(f"unknown task {self.name!r}; choose one of {', '.join(TASK_NAMES)}")
+        if self.path is not None and not Path(self.path).is_file():
+            raise ValueError(
+                f"task file for {self.name} not found: {self.path}; pass {self.name}=PATH to {FILE_HINTS[self.name]}"
+            )
+
+
+def parse_task_spec(spec: str | TaskSpec) -> TaskSpec:
+    """`NAME=PATH` or `NAME` -> `TaskSpec`, checking the name and that the file exists."""
+    if isinstance(spec, TaskSpec):
+        return spec
+    name, sep, path = spec.partition("=")
+    name = name.strip().lower()
+    if sep and not path.strip():
+        raise ValueError(f"task spec {spec!r} has an empty PATH; use NAME=PATH or NAME (hub)")
+    return TaskSpec(name, Path(path.strip()).expanduser() if sep else None)
+
+
+def parse_task_specs(specs: Iterable[str | TaskSpec]) -> list[TaskSpec]:
+    """Every SPEC parsed, refusing a task named twice (results are keyed by task name)."""
+    parsed = [parse_task_spec(s) for s in specs]
+    names = [s.name for s in parsed]
+    if len(set(names)) != len(names):
+        raise ValueError(f"task names must be unique, got {names}")
+    return parsed
 
 
 HUB = {

@@ -49,14 +49,19 @@ def test_evaluate_deployment_parameters_validate(deployments):
     assert flow.name == "sparsegpt-evaluate"
     params = flow.validate_parameters(dep["parameters"])
     assert params["specs"] == ["pydoc"] and params["windows"] == 8
+    with_tasks = flow.validate_parameters({**dep["parameters"], "tasks": ["boolq=dev.jsonl"], "task_limit": "50"})
+    assert (with_tasks["tasks"], with_tasks["task_limit"]) == (["boolq=dev.jsonl"], 50)
+    assert flow.validate_parameters({"model": "m", "tasks": ["piqa"]})["specs"] is None  # tasks alone are enough
 
 
 def test_prune_config_round_trips_through_json_parameters(tmp_path):
     from flows.oneshot import oneshot
 
     (tmp_path / "x.txt").write_text("some text")
-    cfg = PruneConfig(model="m", run_dir="r", nm="2:4", eval=("pydoc", f"text={tmp_path / 'x.txt'}"), eval_windows=3, owl=True)
-    as_json = {"cfg": {**asdict(cfg), "eval": list(cfg.eval)}}  # what a deployment or flow run stores
+    (tmp_path / "boolq.jsonl").write_text("{}")
+    cfg = PruneConfig(model="m", run_dir="r", nm="2:4", eval=("pydoc", f"text={tmp_path / 'x.txt'}"), eval_windows=3, owl=True,
+                      tasks=(f"boolq={tmp_path / 'boolq.jsonl'}", "piqa"), task_limit=10)
+    as_json = {"cfg": {**asdict(cfg), "eval": list(cfg.eval), "tasks": list(cfg.tasks)}}  # what a deployment or flow run stores
     assert oneshot.validate_parameters(as_json)["cfg"] == cfg
     assert oneshot.validate_parameters({"cfg": {"model": "m"}})["cfg"] == PruneConfig(model="m")
 
@@ -68,3 +73,5 @@ def test_bad_config_parameters_fail_with_the_configs_message():
         oneshot.validate_parameters({"cfg": {"sparsity": 1.5}})
     with pytest.raises(ParameterTypeError, match=r"N:M must look like"):
         oneshot.validate_parameters({"cfg": {"nm": "2-4"}})
+    with pytest.raises(ParameterTypeError, match=r"unknown task 'mmlu'"):
+        oneshot.validate_parameters({"cfg": {"tasks": ["mmlu"]}})

@@ -1,7 +1,8 @@
 """The one-shot flow end to end on a tiny Llama, against the session's Prefect server.
 
-One uninterrupted run (module fixture) is the reference: its model, metrics, progress
-artifact and logs are checked, then the same run directory is run again (nothing
+One uninterrupted run (module fixture) is the reference: its model, metrics (with a
+zero-shot task), progress artifacts (blocks, evaluation), table and report artifacts,
+report files and logs are checked, then the same run directory is run again (nothing
 redone, tasks "Cached"), one block is deleted and redone, and a run that fails at
 block 1 is retried with `prefect flow-run retry` and must finish with the same weights.
 """
@@ -31,14 +32,22 @@ import flows.oneshot as flow_mod
 from flows.oneshot import artifact_key, done_key, oneshot
 from stages import oneshot as st
 from stages.config import PruneConfig
+from tests.samples import TASK_SAMPLES, task_spec
 
 REPO = Path(__file__).resolve().parents[2]
 CACHED_TASKS = ["calibrate", "prune-block-000", "prune-block-001", "prune-block-002", "assemble"]
+N_TASKS = 9  # calibrate, capture, allocate, 3 blocks, assemble, evaluate, report
+TASKS = (task_spec("boolq"),) if TASK_SAMPLES.is_dir() else ()
 
 
 def tiny_cfg(model: Path, run_dir: Path, **kw) -> PruneConfig:
     return PruneConfig(model=str(model), run_dir=str(run_dir), calib="pydoc", nsamples=6, seqlen=32, blocksize=16,
-                       eval=("pydoc",), eval_windows=2, **kw)
+                       eval=("pydoc",), eval_windows=2, tasks=TASKS, task_limit=2, **kw)
+
+
+def read_artifacts(key: str) -> list:
+    with get_client(sync_client=True) as client:
+        return client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
 
 
 def weights(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -77,13 +86,13 @@ def task_states(flow_run_id: UUID, expected: int, attempt: int | None = None) ->
 
 @pytest.fixture(scope="module")
 def reference(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory):
-    """One uninterrupted flow run with progress on: (cfg, final state, progress values sent to the artifact)."""
+    """One uninterrupted flow run with progress on: (cfg, final state, progress values sent per artifact id)."""
     cfg = tiny_cfg(tiny_llama_dir, tmp_path_factory.mktemp("flow") / "ref", progress=True)
-    sent: list[float] = []
+    sent: dict[UUID, list[float]] = {}
     real_update = flow_mod.update_progress_artifact
 
     def spy(artifact_id, progress, description=None):
-        sent.append(progress)
+        sent.setdefault(artifact_id, []).append(progress)
         return real_update(artifact_id, progress=progress, description=description)
 
     with pytest.MonkeyPatch.context() as mp:
@@ -110,17 +119,24 @@ def test_flow_writes_a_loadable_pruned_model_and_metrics(reference):
     assert len(linears) == 3 * 7
     for lin in linears:
         assert (lin.weight == 0).float().mean().item() == pytest.approx(0.5, abs=0.02)
-    tasks = task_states(state.state_details.flow_run_id, expected=8)
+    tasks = task_states(state.state_details.flow_run_id, expected=N_TASKS)
     assert set(tasks.values()) == {"Completed"}, tasks
+    if TASKS:
+        boolq = metrics["tasks"]["boolq"]
+        assert boolq["dense"]["n"] == boolq["pruned"]["n"] == 2 and 0 <= boolq["pruned"]["acc"] <= 1
+    assert (run_dir / "eval" / "report.html").is_file() and (run_dir / "eval" / "sparsity-heatmap.png").is_file()
 
 
-def test_progress_artifact_moves_with_the_blocks_and_logs_reach_the_api(reference):
+def test_progress_artifacts_move_with_the_blocks_and_the_evaluation_and_logs_reach_the_api(reference):
     cfg, state, sent = reference
-    assert sent == pytest.approx([100 / 3, 200 / 3, 100.0])
-    with get_client(sync_client=True) as client:
-        arts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[artifact_key(cfg.run_dir)])))
-    assert [(a.type, a.data) for a in arts] == [("progress", 100.0)]
-    assert arts[0].flow_run_id == state.state_details.flow_run_id
+    blocks, evaluation = sent.values()  # in the order they first moved
+    assert blocks == pytest.approx([100 / 3, 200 / 3, 100.0])
+    steps = 2 * (1 + len(TASKS))  # dense and pruned: pydoc perplexity, then each task
+    assert evaluation == pytest.approx([100 * k / steps for k in range(1, steps + 1)])
+    for key in (artifact_key(cfg.run_dir), artifact_key(cfg.run_dir, "eval-progress")):
+        arts = read_artifacts(key)
+        assert [(a.type, a.data) for a in arts] == [("progress", 100.0)]
+        assert arts[0].flow_run_id == state.state_details.flow_run_id
 
     from prefect.logging.handlers import APILogHandler
 
@@ -135,8 +151,27 @@ def test_progress_artifact_moves_with_the_blocks_and_logs_reach_the_api(referenc
     assert any("block 2:" in log.message for log in logs)
 
 
+def test_metrics_table_and_report_artifacts(reference):
+    cfg, state, _ = reference
+    metrics = state.result()
+    (table,) = [a for a in read_artifacts("sparsegpt-metrics-table") if a.flow_run_id == state.state_details.flow_run_id]
+    rows = json.loads(table.data)
+    assert rows[0] == {"kind": "perplexity", "name": "pydoc", "metric": "ppl", "n": 2,
+                       "dense": metrics["pydoc"]["dense_ppl"], "pruned": metrics["pydoc"]["ppl"]}
+    assert rows[-1]["kind"] == "sparsity" and rows[-1]["pruned"] == metrics["sparsity"]["overall"]
+    if TASKS:
+        assert {"kind": "task", "name": "boolq", "metric": "acc", "n": 2, "dense": metrics["tasks"]["boolq"]["dense"]["acc"],
+                "pruned": metrics["tasks"]["boolq"]["pruned"]["acc"]} in rows
+        (md,) = [a for a in read_artifacts("sparsegpt-metrics") if a.flow_run_id == state.state_details.flow_run_id]
+        assert "| boolq | 2 | acc |" in md.data
+    (report,) = [a for a in read_artifacts("sparsegpt-report") if a.flow_run_id == state.state_details.flow_run_id]
+    assert report.type == "markdown" and "| 2 | self_attn.v_proj |" in report.data
+    assert f"`{Path(cfg.run_dir) / 'eval' / 'error-heatmap.png'}`" in report.data and "](" not in report.data
+
+
 def test_artifact_key_is_valid_for_prefect():
     assert artifact_key("runs/My_Run.v2") == "sparsegpt-progress-my-run-v2"
+    assert artifact_key("runs/My_Run.v2", "eval-progress") == "sparsegpt-eval-progress-my-run-v2"
     assert re.fullmatch(r"[a-z0-9-]+", artifact_key("/tmp/ÄÖ"))
 
 
@@ -149,7 +184,7 @@ def test_second_run_skips_finished_work_from_the_cache(reference):
     assert mtimes(run_dir) == before
     w_after = weights(run_dir)
     assert all(torch.equal(w_before[k], w_after[k]) for k in w_before)
-    tasks = task_states(state.state_details.flow_run_id, expected=8)
+    tasks = task_states(state.state_details.flow_run_id, expected=N_TASKS)
     assert {t: tasks[t] for t in CACHED_TASKS} == dict.fromkeys(CACHED_TASKS, "Cached")
 
 
@@ -172,7 +207,7 @@ def test_deleted_block_is_redone_alone_and_never_served_stale(reference):
     changed = {k for k in after if after[k] != before.get(k)}
     assert {"blocks/block_001.json", "blocks/block_001.safetensors", "model.json"} <= changed
     assert not {"blocks/block_000.json", "blocks/block_002.json", "calib/tokens.json"} & changed
-    tasks = task_states(state.state_details.flow_run_id, expected=8)
+    tasks = task_states(state.state_details.flow_run_id, expected=N_TASKS)
     assert (tasks["prune-block-000"], tasks["prune-block-001"], tasks["prune-block-002"]) == ("Cached", "Completed", "Cached")
     assert tasks["assemble"] == "Completed"
     w_after = weights(run_dir)
@@ -210,7 +245,7 @@ def test_failed_run_resumes_with_prefect_flow_run_retry(reference, tmp_path, mon
         flow_run = client.read_flow_run(flow_run_id)
     assert flow_run.state.is_completed() and flow_run.run_count == 2
     assert (run_dir / "blocks" / "block_000.json").stat().st_mtime_ns == block0
-    tasks = task_states(flow_run_id, expected=8, attempt=2)
+    tasks = task_states(flow_run_id, expected=N_TASKS, attempt=2)
     assert (tasks["calibrate"], tasks["prune-block-000"], tasks["prune-block-001"]) == ("Cached", "Cached", "Completed")
     assert_same_weights(run_dir, Path(ref_cfg.run_dir))
 
@@ -220,8 +255,26 @@ def test_evaluate_flow_agrees_with_the_oneshot_metrics(reference):
 
     cfg, _, _ = reference
     metrics = json.loads((Path(cfg.run_dir) / "eval" / "metrics.json").read_text())
-    res = evaluate(str(Path(cfg.run_dir) / "model"), ["pydoc"], seqlen=32, windows=2)
+    res = evaluate(str(Path(cfg.run_dir) / "model"), ["pydoc"], seqlen=32, windows=2, tasks=list(TASKS), task_limit=2)
     assert res["pydoc"]["ppl"] == pytest.approx(metrics["pydoc"]["ppl"], rel=1e-5)
+    if TASKS:
+        assert {k: res["tasks"]["boolq"][k] for k in ("acc", "n")} == {k: metrics["tasks"]["boolq"]["pruned"][k] for k in ("acc", "n")}
+    (progress,) = read_artifacts("sparsegpt-eval-progress")[:1]
+    assert (progress.type, progress.data) == ("progress", 100.0)
     dense = evaluate(cfg.model, ["pydoc"], seqlen=32, windows=2, return_state=True)
     assert dense.is_completed()
     assert dense.result()["pydoc"]["ppl"] == pytest.approx(metrics["pydoc"]["dense_ppl"], rel=1e-5)
+
+
+def test_cli_eval_prints_perplexity_and_task_tables(reference, capsys):
+    from flows.cli import main
+
+    cfg, state, _ = reference
+    metrics = state.result()
+    model = str(Path(cfg.run_dir) / "model")
+    assert main(["eval", model, "--eval", "pydoc", "--seqlen", "32", "--eval-windows", "2",
+                 *(["--tasks", ",".join(TASKS), "--limit", "2"] if TASKS else [])]) == 0
+    out = capsys.readouterr().out
+    assert f"| pydoc | 2 x 32 | {metrics['pydoc']['ppl']:.2f} |" in out
+    if TASKS:
+        assert f"| boolq | 2 | acc | {metrics['tasks']['boolq']['pruned']['acc']:.4f} |" in out

@@ -67,9 +67,12 @@ def one_line(exc: pytest.ExceptionInfo) -> str:
         (["--calib", "wikitext3"], r"unknown dataset 'wikitext3' .*Use NAME \(hub\) or NAME=PATH"),
         (["--calib", "text=/no/such/corpus.txt"], r"dataset file not found: '/no/such/corpus.txt'.*Pass an existing file"),
         (["--nsamples", "0"], r"nsamples must be a positive integer, got 0"),
+        (["--tasks", "piqa=/no/such.jsonl"], r"task file for piqa not found: /no/such.jsonl; pass piqa=PATH to valid.jsonl"),
+        (["--tasks", "boolq,mmlu"], r"unknown task 'mmlu'; choose one of lambada, piqa, arc_easy"),
+        (["--limit", "0"], r"task_limit \(--limit\) must be a positive integer, got 0"),
     ],
     ids=["sparsity-1", "sparsity-negative", "nm-3:3", "nm-syntax", "nm-blocksize", "unknown-dataset",
-         "missing-dataset-file", "nsamples-0"],
+         "missing-dataset-file", "nsamples-0", "missing-task-file", "unknown-task", "limit-0"],
 )
 def test_cli_rejects_bad_options_in_one_line(tiny_llama_dir, tmp_path, capsys, options, expected) -> None:
     run_dir = tmp_path / "run"
@@ -80,6 +83,25 @@ def test_cli_rejects_bad_options_in_one_line(tiny_llama_dir, tmp_path, capsys, o
     assert out == ""
     assert re.search(expected, err), err
     assert not run_dir.exists()  # nothing started: the corrected command can use the same run dir
+
+
+@pytest.mark.parametrize(
+    ("options", "expected"),
+    [
+        ([], r"nothing to evaluate: give at least one --eval SPEC or --tasks SPEC\[,SPEC\.\.\.\]"),
+        (["--tasks", "boolq=/no/b.jsonl,piqa"], r"task file for boolq not found: /no/b.jsonl"),
+        (["--tasks", "boolq", "--tasks", "boolq"], r"task names must be unique, got \['boolq', 'boolq'\]"),
+        (["--tasks", "boolq", "--limit", "-1"], r"--limit must be a positive integer, got -1"),
+        (["--eval", "wikitext3"], r"unknown dataset 'wikitext3'"),
+    ],
+    ids=["nothing", "missing-task-file", "task-twice", "limit-negative", "unknown-dataset"],
+)
+def test_cli_eval_rejects_bad_requests_in_one_line(tiny_llama_dir, capsys, options, expected) -> None:
+    code = main(["eval", str(tiny_llama_dir), *options])
+    out, err = capsys.readouterr()
+    assert code == 2 and out == ""
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert re.search(expected, err), err
 
 
 # ---------------------------------------------------------------- models the stages refuse

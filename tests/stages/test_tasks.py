@@ -13,11 +13,13 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from stages.perplexity import causal_lm_forward
-from stages.task_formats import preprocess, read_items
+from stages.task_formats import Item, preprocess, read_items
 from stages.tasks import (
     TaskSpec,
+    choice_length,
     encode_pair,
     evaluate_tasks,
+    length_batches,
     load_task,
     loglikelihood,
     parse_task_spec,
@@ -243,3 +245,26 @@ def test_smollm2_scores_samples(smollm2_dir: Path) -> None:
     for name in FILES:
         if name != "arc_challenge":
             check_against_reference(model, tok, name, batch_size=4, atol=2e-3, whole_task=False)
+
+
+def test_acc_norm_divides_by_characters_as_lm_eval(tiny) -> None:
+    """lm-eval divides by `len(choice)` (code points): with uniform logits "abc" (4 tokens with its
+    space, 3 characters) beats "éé" (3 tokens, 2 characters but 4 UTF-8 bytes); by bytes it would lose."""
+    _, tok = tiny
+    assert choice_length("naïve") == 5
+    uniform = lambda ids: torch.zeros(*ids.shape, 128)  # noqa: E731  every token has log p = -log 128
+    item = Item((("Question: x\nAnswer:", " abc"), ("Question: x\nAnswer:", " éé")), 0, ("abc", "éé"))
+    (score,) = score_items(uniform, tok, [item], max_length=64)
+    assert score.lls == pytest.approx((-4 * math.log(128), -3 * math.log(128)))
+    assert (score.pred, score.pred_norm) == (1, 0)
+
+
+def test_batches_end_before_rows_much_shorter_than_the_batch(tiny) -> None:
+    _, tok = tiny
+    shapes = []
+    uniform = lambda ids: shapes.append(tuple(ids.shape)) or torch.zeros(*ids.shape, 128)  # noqa: E731
+    reqs = [("a" * n, " x") for n in (60, 28, 55, 5, 30)]  # input rows of n + 1 tokens
+    res = loglikelihood(uniform, tok, reqs, batch_size=8, max_length=64)
+    assert shapes == [(2, 61), (2, 31), (1, 6)]  # 56 >= 0.75 * 61 joins, 31 does not; 6 < 0.75 * 31
+    assert [ll for ll, _ in res] == pytest.approx([-2 * math.log(128)] * 5)
+    assert [len(b) for b in length_batches([((0,) * 10,)] * 5, batch_size=2)] == [2, 2, 1]
