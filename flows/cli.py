@@ -103,6 +103,7 @@ def _add_progressive(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--eval", action="append", default=[], metavar="SPEC", help="evaluation SPEC (repeatable)")
     p.add_argument("--eval-seqlen", type=int, default=None, help="defaults to --seqlen")
     p.add_argument("--eval-windows", type=int, default=None, help="evaluate only the first N windows")
+    _add_tasks(p)  # scored on the dense and the final model once the schedule is complete
     p.add_argument("--device", default="cpu")
     p.add_argument("--trust-remote-code", action="store_true")
     p.add_argument("--no-progress", action="store_true")
@@ -126,7 +127,8 @@ def _progressive(args: argparse.Namespace) -> int:
              "trust_remote_code")  # fmt: skip
     cfg = ProgressiveConfig(
         model=args.model, run_dir=args.run_dir, distill=tuple(d.strip() for d in args.distill.split(",") if d.strip()),
-        eval=tuple(args.eval), progress=not args.no_progress, **{k: getattr(args, k) for k in names}, **extra,
+        eval=tuple(args.eval), tasks=_task_specs(args.tasks), task_limit=args.limit, progress=not args.no_progress,
+        **{k: getattr(args, k) for k in names}, **extra,
     )
     from flows.progressive import progressive
 

@@ -135,13 +135,18 @@ def evaluate(cfg: PruneConfig, run: st.Run, records: list[dict], timings: dict) 
     return evaluate_run(cfg, run, st.compute_dtype(cfg, run.model_dir), records, timings, progress)
 
 
+def report_markdown(run_dir: str | Path) -> str:
+    """Write RUN_DIR/eval/report.{md,html} and the PNGs; return the Markdown with image links as file paths."""
+    write_report([run_dir])
+    eval_dir = Path(run_dir) / "eval"
+    text = (eval_dir / "report.md").read_text(encoding="utf-8")
+    return re.sub(r"!\[([^\]]*)\]\(([^)]+)\)", lambda m: f"*{m[1]}: `{eval_dir / m[2]}`*", text)
+
+
 @task(name="report")
 def report(cfg: PruneConfig) -> str:
     """Write eval/report.{md,html} and the PNGs; return the Markdown with image links as file paths."""
-    write_report([cfg.run_dir])
-    eval_dir = Path(cfg.run_dir) / "eval"
-    text = (eval_dir / "report.md").read_text(encoding="utf-8")
-    return re.sub(r"!\[([^\]]*)\]\(([^)]+)\)", lambda m: f"*{m[1]}: `{eval_dir / m[2]}`*", text)
+    return report_markdown(cfg.run_dir)
 
 
 def artifact_key(run_dir: str | Path, kind: str = "progress") -> str:

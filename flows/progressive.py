@@ -42,6 +42,20 @@ def evaluate(cfg: pg.ProgressiveConfig, k: int) -> dict:
     return pg.evaluate_round(cfg, k)
 
 
+@task(name="final-tasks")
+def final_tasks(cfg: pg.ProgressiveConfig) -> dict:
+    """Zero-shot tasks on the dense and the final model, once the schedule is complete."""
+    return pg.final_tasks(cfg)
+
+
+@task(name="report")
+def report(cfg: pg.ProgressiveConfig) -> str:
+    """RUN_DIR/eval/report.{md,html} with the round-by-round curve; returns the Markdown."""
+    from flows.oneshot import report_markdown
+
+    return report_markdown(cfg.run_dir)
+
+
 class _Progress:
     """The flow's progress artifact: each round counts as 3 steps (prune, fine-tune, evaluate)."""
 
@@ -99,8 +113,12 @@ def progressive(cfg: pg.ProgressiveConfig) -> dict:
             for k in todo:
                 rec = pg.run_round(cfg, k, dense, steps)
                 logger.info("round %d done: sparsity %.4f, ppl %s -> %s", k, rec["sparsity"], rec["ppl_before"], rec["ppl_after"])
+        final_tasks(cfg)
         s = pg.write_summary(cfg)
+        report_md = report(cfg) if s["rounds"] else None
     message = pg.progress_message(cfg, todo)
     logger.info(message)
     create_markdown_artifact(markdown=pg.summary_markdown(s), key="sparsegpt-progressive", description=message)
+    if report_md is not None:
+        create_markdown_artifact(markdown=report_md, key="sparsegpt-report", description=f"{cfg.run_dir}/eval/report.md")
     return {"done_now": todo, "remaining": cfg.rounds - len(s["rounds"]), "message": message, "summary": s}

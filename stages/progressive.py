@@ -46,15 +46,16 @@ from tqdm.auto import tqdm
 from sparsegpt import check_sparsity
 from stages.config import PruneConfig, parse_nm
 from stages.data import parse_spec
-from stages.evaluate import perplexity_cached
+from stages.evaluate import perplexity_cached, score_tasks
 from stages.finetune_config import SCHEDULES, FinetuneConfig
 from stages.models import resolve_model
+from stages.task_formats import parse_task_specs
 from stages.rundir import RunLock, atomic_path, atomic_write_json, init_run, sweep_tmp, verify_record, write_record
 
 log = logging.getLogger("sparsegpt.progressive")
 DISTILL = ("kl", "squarehead")
 NOT_IDENTITY = (
-    "run_dir", "rounds_per_run", "eval", "eval_seqlen", "eval_windows", "eval_batch_size",
+    "run_dir", "rounds_per_run", "eval", "eval_seqlen", "eval_windows", "eval_batch_size", "tasks", "task_limit",
     "device", "batch_size", "keep_acts", "progress", "checkpoint_every",
 )  # fmt: skip
 
@@ -169,7 +170,11 @@ class ProgressiveConfig:
     eval_windows: int | None = None
     """Evaluate only the first N windows."""
     eval_batch_size: int = 4
-    """Windows per forward pass during evaluation."""
+    """Windows per forward pass during evaluation (and items per batch of task scoring)."""
+    tasks: tuple[str, ...] = ()
+    """Zero-shot task SPECs (``piqa=PATH``, ...), scored on the dense and the final model once the schedule is complete."""
+    task_limit: int | None = None
+    """Score only the first N items of every task."""
     device: str = "cpu"
     """``cpu`` or ``cuda``."""
     batch_size: int = 8
@@ -200,6 +205,10 @@ class ProgressiveConfig:
             self.finetune_config(1)
         for spec in self.eval:
             parse_spec(spec)
+        object.__setattr__(self, "tasks", tuple(self.tasks))
+        parse_task_specs(self.tasks)
+        if self.task_limit is not None and self.task_limit < 1:
+            raise ValueError(f"task_limit must be a positive integer, got {self.task_limit}")
 
     @property
     def rounds(self) -> int:
@@ -434,6 +443,27 @@ def finish_round(cfg: ProgressiveConfig, k: int, mask: dict, tuned: dict, evals:
     return record
 
 
+def final_tasks(cfg: ProgressiveConfig, step: Callable[[str], None] | None = None) -> dict[str, dict]:
+    """Zero-shot task scores of the dense and the final model (RUN_DIR/eval/tasks-*.json), once the schedule is complete."""
+    from stages.oneshot import compute_dtype
+
+    if not cfg.tasks or round_done(cfg, cfg.rounds) is None:
+        return {}
+    pcfg = cfg.prune_config(cfg.rounds)
+    out: dict[str, dict] = {}
+    for which, model_dir in (("dense", cfg.round_model(0)), ("final", cfg.round_model(cfg.rounds))):
+        n = cfg.task_limit or "all"
+        scores = score_tasks(
+            model_dir, list(cfg.tasks), cfg.task_limit, device=cfg.device, dtype=compute_dtype(pcfg, model_dir),
+            batch_size=cfg.eval_batch_size, trust_remote_code=cfg.trust_remote_code, progress=cfg.progress,
+            cache=lambda name, which=which: cfg.root() / "eval" / f"tasks-{which}-{name}-n{n}.json",
+            step=(lambda name, which=which: step(f"{which} {name}")) if step is not None else None,
+        )  # fmt: skip
+        for name, res in scores.items():
+            out.setdefault(name, {})[which] = res
+    return out
+
+
 def summary(cfg: ProgressiveConfig) -> dict:
     """Dense perplexities and one row per finished round, in schedule order."""
     dense = {}
@@ -447,7 +477,14 @@ def summary(cfg: ProgressiveConfig) -> dict:
         rec = round_done(cfg, k)
         if rec is not None:
             rounds.append({key: v for key, v in rec.items() if key != "files"})
-    return {"schedule": list(cfg.schedule), "dense": dense, "rounds": rounds, "complete": len(rounds) == cfg.rounds}
+    tasks: dict[str, dict] = {}
+    for name in (t.name for t in parse_task_specs(cfg.tasks)):
+        for which in ("dense", "final"):
+            rec = verify_record(cfg.root() / "eval" / f"tasks-{which}-{name}-n{cfg.task_limit or 'all'}.json")
+            if rec is not None:
+                tasks.setdefault(name, {})[which] = {k: v for k, v in rec.items() if k != "files"}
+    return {"schedule": list(cfg.schedule), "dense": dense, "rounds": rounds, "complete": len(rounds) == cfg.rounds,
+            "tasks": tasks}
 
 
 def summary_markdown(s: dict) -> str:
@@ -461,6 +498,12 @@ def summary_markdown(s: dict) -> str:
         cells = [f"{r['ppl_before'][lab]:.2f} -> {r['ppl_after'][lab]:.2f}" for lab in labels]
         lines.append(f"| {r['round']} | {r['pattern']} | {r['sparsity']:.4f} | " + " | ".join(cells)
                      + f" | {r['tokens']} | {r['seconds']:.0f} s |")
+    if s.get("tasks"):
+        lines += ["", "| task | items | metric | dense | final |", "|---|---|---|---|---|"]
+        for name, m in s["tasks"].items():
+            if "dense" in m and "final" in m:
+                lines += [f"| {name} | {m['final']['n']} | {k} | {m['dense'][k]:.4f} | {m['final'][k]:.4f} |"
+                          for k in ("acc", "acc_norm", "ppl") if k in m["final"]]
     done = len(s["rounds"])
     lines.append(f"\n{done} of {len(s['schedule'])} rounds done" + (" (schedule complete)" if s["complete"] else ""))
     return "\n".join(lines)
@@ -550,5 +593,6 @@ def run_progressive(cfg: ProgressiveConfig) -> Progress:
             dense_perplexity(cfg)
         for k in todo:
             run_round(cfg, k, dense)
+        final_tasks(cfg)
         s = write_summary(cfg)
     return Progress(done_now=todo, remaining=cfg.rounds - len(s["rounds"]), message=progress_message(cfg, todo), summary=s)

@@ -61,6 +61,9 @@ def test_flow_advances_one_round_per_run_and_publishes_the_curve(tiny_llama_dir,
         arts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["sparsegpt-progressive"])))
         assert arts and "2 of 2 rounds done (schedule complete)" in arts[0].data
         assert f"{rows[1]['ppl_before']['pydoc']:.2f} -> {rows[1]['ppl_after']['pydoc']:.2f}" in arts[0].data
+        report = (tmp_path / "p" / "eval" / "report.md").read_text()
+        assert "round" in report.lower() and "0.6" in report
+        assert client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["sparsegpt-report"])))
         prog = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[artifact_key(cfg.run_dir) + "-rounds"])))
         assert prog and prog[0].data == pytest.approx(100.0)
 

@@ -25,6 +25,7 @@ from stages.progressive import (
 )
 from stages.rundir import RunError, verify_record
 from stages.status import run_status
+from tests.samples import needs_task_samples, task_spec
 
 
 def tiny_progressive(model_dir: Path, run_dir: Path, **kw) -> ProgressiveConfig:
@@ -174,9 +175,11 @@ def test_a_different_schedule_is_refused_and_run_settings_may_change(tiny_llama_
     assert run_progressive(later).done_now == [2]
 
 
+@needs_task_samples
 def test_nm_schedule_grows_one_pattern_into_the_next_without_finetuning(tiny_llama_dir, tmp_path):
-    cfg = tiny_progressive(tiny_llama_dir, tmp_path / "p", schedule="1:4,2:4", tokens_per_round=0)
-    run_progressive(cfg)
+    cfg = tiny_progressive(tiny_llama_dir, tmp_path / "p", schedule="1:4,2:4", tokens_per_round=0,
+                           tasks=(task_spec("arc_easy"),), task_limit=3)
+    out = run_progressive(cfg)
     one, two = read_mask(RoundPaths(cfg.round_dir(1)).mask), read_mask(RoundPaths(cfg.round_dir(2)).mask)
     for name in one:
         groups1, groups2 = one[name].reshape(one[name].shape[0], -1, 4), two[name].reshape(two[name].shape[0], -1, 4)
@@ -186,6 +189,12 @@ def test_nm_schedule_grows_one_pattern_into_the_next_without_finetuning(tiny_lla
     row = json.loads((tmp_path / "p" / "summary.json").read_text())["rounds"][1]
     assert row["ppl_before"] == row["ppl_after"] and row["tokens"] == 0
     assert Path(row["model"]) == cfg.round_dir(2) / "prune" / "model"
+    # the final evaluation scores the tasks on the dense and the final model, cached under RUN_DIR/eval/
+    tasks = out.summary["tasks"]["arc_easy"]
+    assert tasks["dense"]["n"] == tasks["final"]["n"] == 3
+    final = verify_record(tmp_path / "p" / "eval" / "tasks-final-arc_easy-n3.json")
+    assert final["acc"] == tasks["final"]["acc"] and final["acc_norm"] == tasks["final"]["acc_norm"]
+    assert "| arc_easy | 3 | acc_norm |" in (tmp_path / "p" / "summary.md").read_text()
 
 
 def test_cli_rejects_bad_progressive_settings_with_one_line(tmp_path, capsys):
