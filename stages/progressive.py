@@ -382,8 +382,32 @@ def finetune_round(
             if on_step is not None:
                 on_step(i, total, losses)
 
+        _share_tokens(cfg, fcfg, paths.finetune / "data" / "tokens.arrow", teacher)
         # The fine-tune keeps the student's zeros as its mask: exactly mask.safetensors, keyed by parameter name.
         return finetune(paths.prune / "model", teacher, paths.finetune, fcfg, on_step=step)
+
+
+def _share_tokens(cfg: ProgressiveConfig, fcfg: FinetuneConfig, dst: Path, model_dir: Path) -> None:
+    """Tokenize the fine-tuning data once per run (RUN_DIR/data/) and hard-link it into the round's fine-tune.
+
+    `prepare_windows` reuses a token file whose metadata names the same SPEC and seqlen,
+    so every round reads the same windows (in its own seeded order) without re-tokenizing.
+    """
+    import os
+
+    from stages.finetune_data import prepare_windows
+    from stages.models import load_tokenizer
+
+    if dst.is_file():
+        return
+    shared = prepare_windows(load_tokenizer(model_dir, cfg.trust_remote_code), fcfg.dataset, fcfg.seqlen,
+                             cfg.root() / "data" / f"finetune-s{fcfg.seqlen}.arrow")  # fmt: skip
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(shared, dst)
+    except OSError:  # another file system: a copy through a temporary name
+        with atomic_path(dst) as tmp:
+            shutil.copyfile(shared, tmp)
 
 
 def _eval_key(cfg: ProgressiveConfig, spec: str) -> tuple[str, str]:

@@ -87,8 +87,8 @@ def progressive_status(run_dir: Path, run: dict) -> str:
         ckpts = sorted((root / "finetune" / "ckpt").glob("step_*"))
         if verify_record(root / "finetune" / "finetune.json", quick=True) is not None:
             step += ", fine-tuned, evaluating"
-        elif ckpts:
-            step += f", fine-tuning (last checkpoint {ckpts[-1].name})"
+        elif (root / "finetune" / "finetune_config.json").is_file():
+            step += f", fine-tuning ({'last checkpoint ' + ckpts[-1].name if ckpts else 'no checkpoint yet'})"
         lines.append(f"round {k} ({target}): in progress: {step}")
     lines.append(f"disk: {_mb(_size(run_dir))} in all")
     return "\n".join(lines)

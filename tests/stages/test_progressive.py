@@ -105,6 +105,9 @@ def test_rounds_grow_the_mask_keep_it_through_finetuning_and_advance_per_run(tin
         assert not (paths.prune / "acts").exists() and not (paths.prune / "blocks").exists()
         previous = mask
     assert set(dense) == set(tuned)  # the round model is a whole checkpoint
+    shared = tmp_path / "p" / "data" / "finetune-s32.arrow"  # tokenized once, linked into every round
+    assert all((cfg.round_dir(k) / "finetune" / "data" / "tokens.arrow").stat().st_ino == shared.stat().st_ino
+               for k in (1, 2, 3))
     md = (tmp_path / "p" / "summary.md").read_text()
     assert "3 of 3 rounds done (schedule complete)" in md and md.count("\n| ") == 4  # dense + 3 rounds
     assert summary_markdown(second.summary) + "\n" == md
