@@ -15,6 +15,7 @@ causal model's earlier positions never attend to later ones."""
 
 import inspect
 import math
+import weakref
 from collections.abc import Hashable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -120,23 +121,32 @@ def loglikelihood(
 
 
 PAD_SLACK = 0.75
-"""A row shorter than this fraction of its batch's width starts a new batch."""
+"""A row shorter than this fraction of its batch's width starts a new batch..."""
+PAD_TOKENS = 8
+"""...unless it needs at most this many padding tokens (a pass costs about that much on its own)."""
 
 
-def length_batches(rows: list, batch_size: int, slack: float = PAD_SLACK) -> list[list]:
+def length_batches(rows: list, batch_size: int, slack: float = PAD_SLACK, pad_tokens: int = PAD_TOKENS) -> list[list]:
     """Rows (sorted longest first) in batches of at most `batch_size`, cut early where padding would dominate.
 
     lm-eval batches the sorted rows `batch_size` at a time; a forward costs about the
     same per padded token on a CPU, so a short row in a batch of long ones wastes most
     of its compute. Here a batch also ends before a row shorter than `slack` times the
-    batch's width, so padding stays under 1/slack - 1 of the real tokens (33% at 0.75).
-    Scores are unchanged (right padding is never read). A row is a tuple whose first
-    element is the token sequence.
+    batch's width, so padding stays under 1/slack - 1 of the real tokens (33% at 0.75),
+    except that a row needing at most `pad_tokens` padding tokens always joins: a pass
+    has a fixed cost too (on a CPU about that of 20 tokens, reading every weight once),
+    which matters for the short remainders of shared-prefix scoring. Scores are
+    unchanged (right padding is never read). A row is a tuple whose first element is
+    the token sequence.
     """
     batches: list[list] = []
     for row in rows:
-        if not batches or len(batches[-1]) == batch_size or len(row[0]) < slack * len(batches[-1][0][0]):
+        if not batches or len(batches[-1]) == batch_size:
             batches.append([])
+        else:
+            width = len(batches[-1][0][0])
+            if len(row[0]) < slack * width and width - len(row[0]) > pad_tokens:
+                batches.append([])
         batches[-1].append(row)
     return batches
 
@@ -273,7 +283,7 @@ class _ModelRunner(_Runner):
     returns full logits, indexed here. Both features are used only if a probe on a few
     token ids scores the same with them as with plain full-row forwards (a model without
     a cache, with sliding-window or other cache layers, or that ignores position ids or
-    masks, falls back to full rows).
+    masks, falls back to full rows). The probe's answer is kept per model, device and dtype.
     """
 
     def __init__(self, model: torch.nn.Module):
@@ -282,11 +292,14 @@ class _ModelRunner(_Runner):
         self.device, self.dtype = param.device, param.dtype
         params = inspect.signature(model.forward).parameters
         self.cache_kw = next((k for k in ("cache", "past_key_values") if k in params), None)
-        self.keep_kw = "logits_to_keep" in params
-        if self.keep_kw:
-            self.keep_kw = self._agrees(shares_prefixes=False)
-        if self.cache_kw is not None and {"position_ids", "attention_mask", "use_cache"} <= params.keys():
-            self.shares_prefixes = self._agrees(shares_prefixes=True)
+        probed = _PROBED.setdefault(model, {})
+        if (self.device, self.dtype) not in probed:
+            self.keep_kw = "logits_to_keep" in params
+            self.keep_kw = self.keep_kw and self._agrees(shares_prefixes=False)
+            can_cache = self.cache_kw is not None and {"position_ids", "attention_mask", "use_cache"} <= params.keys()
+            self.shares_prefixes = can_cache and self._agrees(shares_prefixes=True)
+            probed[self.device, self.dtype] = self.keep_kw, self.shares_prefixes
+        self.keep_kw, self.shares_prefixes = probed[self.device, self.dtype]
 
     def __call__(self, ids, keep, *, use_cache=False, cache=None, positions=None, mask=None):
         keep = keep.to(self.device)
@@ -342,6 +355,10 @@ class _ModelRunner(_Runner):
             self.shares_prefixes = saved
         tol = 1e-4 if self.dtype in (torch.float32, torch.float64) else 3e-2
         return all(abs(got[k][0] - want[k][0]) <= tol * (1 + abs(want[k][0])) for k in want)
+
+
+_PROBED: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDictionary()
+"""model -> {(device, dtype): (keep_kw, shares_prefixes)}: each model is probed once per device and dtype."""
 
 
 def _runner(model: "torch.nn.Module | Forward") -> _Runner:
