@@ -267,15 +267,20 @@ def test_acc_norm_divides_by_characters_as_lm_eval(tiny) -> None:
     assert (score.pred, score.pred_norm) == (1, 0)
 
 
-def test_batches_end_before_rows_much_shorter_than_the_batch(tiny) -> None:
+def test_batches_cut_at_the_least_padding_plus_pass_cost(tiny) -> None:
     _, tok = tiny
     shapes = []
     uniform = lambda ids: shapes.append(tuple(ids.shape)) or torch.zeros(*ids.shape, 128)  # noqa: E731
     reqs = [("a" * n, " x") for n in (60, 28, 55, 5, 30)]  # input rows of n + 1 tokens
     res = loglikelihood(uniform, tok, reqs, batch_size=8, max_length=64)
-    assert shapes == [(2, 61), (2, 31), (1, 6)]  # 56 >= 0.75 * 61 joins, 31 does not; 6 < 0.75 * 31
+    assert shapes == [(2, 61), (2, 31), (1, 6)]  # 24 + 122 + 24 + 62 + 24 + 6: any other cut pads or passes more
     assert [ll for ll, _ in res] == pytest.approx([-2 * math.log(128)] * 5)
     assert [len(b) for b in length_batches([((0,) * 10,)] * 5, batch_size=2)] == [2, 2, 1]
+    rows = [((0,) * n,) for n in (40, 30, 20, 10)]
+    assert [len(b) for b in length_batches(rows, batch_size=8)] == [2, 2]  # 24 + 80 + 24 + 40
+    assert [len(b) for b in length_batches(rows, batch_size=8, pass_tokens=0)] == [1, 1, 1, 1]
+    assert [len(b) for b in length_batches(rows, batch_size=8, pass_tokens=1000)] == [4]
+    assert length_batches([], batch_size=8) == []
 
 
 # Requests of one item each: a long shared context, a shared prefix reaching into the
