@@ -26,7 +26,7 @@ from stages.capture import Head, capture_inputs
 from stages.config import PruneConfig
 from stages.data import parse_spec
 from stages.models import load_tokenizer, max_positions
-from stages.perplexity import Perplexity, causal_lm_forward, eval_windows, window_losses
+from stages.perplexity import Perplexity, eval_windows, window_losses
 from stages.task_formats import parse_task_specs
 from stages.tasks import evaluate_tasks
 from stages.rundir import atomic_write_json, verify_record, write_record
@@ -133,7 +133,7 @@ def score_tasks(
                 model = load_causal_lm(model_dir, device, dtype, trust_remote_code)
                 tok = load_tokenizer(model_dir, trust_remote_code)
             t0 = time.perf_counter()
-            scores = evaluate_tasks(causal_lm_forward(model), tok, [spec], limit, batch_size,
+            scores = evaluate_tasks(model, tok, [spec], limit, batch_size,
                                     max_positions(model.config), progress)[parsed.name]
             done = {**scores, "spec": spec, "seconds": time.perf_counter() - t0}
             if record is not None:
