@@ -19,6 +19,10 @@ NOT_IDENTITY = ("run_dir", "eval", "eval_seqlen", "eval_windows", "eval_batch_si
                 "keep_acts", "batch_size", "progress")
 
 
+ADDED_LATER = {"keep_pruned": False}
+"""Identity fields newer than some run directories, with the value those runs implicitly had."""
+
+
 def parse_nm(text: str | None) -> tuple[int, int]:
     """``"2:4"`` -> ``(2, 4)``; ``None`` or ``""`` -> ``(0, 0)`` (unstructured)."""
     if not text:
@@ -143,8 +147,13 @@ class PruneConfig:
         return n / m if m else self.sparsity
 
     def identity(self) -> dict:
-        """The fields that define the run's outputs (stored and compared in run.json)."""
-        return {k: v for k, v in asdict(self).items() if k not in NOT_IDENTITY}
+        """The fields that define the run's outputs (stored and compared in run.json).
+
+        Fields added after runs were first written (`ADDED_LATER`) appear only when they
+        differ from their default, so older run directories still resume.
+        """
+        return {k: v for k, v in asdict(self).items()
+                if k not in NOT_IDENTITY and not (k in ADDED_LATER and v == ADDED_LATER[k])}
 
     def to_dict(self) -> dict:
         return asdict(self)

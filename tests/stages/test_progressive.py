@@ -210,3 +210,13 @@ def test_cli_rejects_bad_progressive_settings_with_one_line(tmp_path, capsys):
     assert main(["progressive", "m", "--run-dir", str(tmp_path / "p"), "--distill", "kl,mse"]) == 2
     assert "unknown distillation loss 'mse'" in capsys.readouterr().err
     assert not (tmp_path / "p").exists()
+
+
+def test_keep_pruned_is_part_of_the_identity_only_when_set():
+    """Run directories written before keep_pruned existed hold no such key and must still resume."""
+    from stages.config import PruneConfig
+
+    assert "keep_pruned" not in PruneConfig().identity()
+    assert PruneConfig(keep_pruned=True).identity()["keep_pruned"] is True
+    with pytest.raises(ValueError, match="keep_pruned"):
+        PruneConfig(keep_pruned=True, method="wanda")
