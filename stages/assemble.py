@@ -3,21 +3,24 @@
 The output keeps the original tensor names and dtypes: non-block tensors (embeddings,
 final norm, lm_head) are copied from the original safetensors, and the tensors of
 block i come from its own file written by `stages.blocks.save_block` (block-relative
-names). Tensors are streamed in groups of whole blocks up to `max_shard_bytes`, so at
-most one output shard (or one block, if larger) is in memory. Sharded output gets a
+names). Output shards hold whole blocks up to `max_shard_bytes`; a shard's header is
+written first, from the input files' headers, and its tensors are then streamed one
+block at a time, so one block is the most ever in memory whatever the shard size. Sharded output gets a
 `model.safetensors.index.json`; config, generation config and tokenizer files are
 copied. The folder is written under a temporary name and renamed into place.
 """
 
 import json
+import math
 import os
 import shutil
-from collections.abc import Iterator, Sequence
+import struct
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from stages.blocks import Skeleton, skeleton
 from stages.models import INDEX_NAME, SafetensorsIndex
@@ -26,12 +29,13 @@ PathLike = str | os.PathLike
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".ckpt", ".msgpack", ".h5")
 """Files never copied from the original folder: weights are rewritten, pickles never carried over."""
 DEFAULT_SHARD_BYTES = 256 * 1024**2
-"""Output shard size: assembly holds at most one shard (or one block, if larger) in memory."""
+"""Output shard size (a block is never split across shards)."""
 _DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
     "BOOL": torch.bool,
 }  # fmt: skip
+_NAMES = {dt: name for name, dt in _DTYPES.items()}
 
 
 def block_file_name(i: int) -> str:
@@ -49,29 +53,64 @@ def _original_dtypes(index: SafetensorsIndex) -> dict[str, torch.dtype]:
     return out
 
 
-def _read_block(path: Path, i: int, sk: Skeleton) -> dict[str, torch.Tensor]:
-    """Block i's tensors from its own file, under their checkpoint names (exactly the block's state dict)."""
+@dataclass(frozen=True)
+class _Unit:
+    """Tensors written together (the non-block tensors, or one block): output layout, then the data on demand."""
+
+    layout: dict[str, tuple[torch.dtype, tuple[int, ...]]]
+    """Output name -> (dtype written, shape), in writing order; read from safetensors headers only."""
+    load: Callable[[], dict[str, torch.Tensor]]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(math.prod(shape) * dt.itemsize for dt, shape in self.layout.values())
+
+
+def _header(path: Path, names: Iterable[str] | None = None) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+    """(dtype, shape) of `names` (default: all) in one safetensors file, from its header."""
     with safe_open(str(path), framework="pt") as f:
-        out = {sk.block_prefix(i) + n: f.get_tensor(n) for n in f.keys()}
-    expected = {sk.block_prefix(i) + n for n in sk.state_keys[i]}
-    unknown, missing = sorted(set(out) - expected), sorted(expected - set(out))
+        out = {}
+        for n in f.keys() if names is None else names:
+            sl = f.get_slice(n)
+            out[n] = (_DTYPES.get(sl.get_dtype(), torch.float32), tuple(sl.get_shape()))
+    return out
+
+
+def _block_unit(path: Path, i: int, sk: Skeleton, dtypes: dict[str, torch.dtype]) -> _Unit:
+    """Block i from its own file, under its checkpoint names (exactly the block's state dict)."""
+    prefix = sk.block_prefix(i)
+    found = _header(path)
+    expected = {prefix + n for n in sk.state_keys[i]}
+    names = {prefix + n for n in found}
+    unknown, missing = sorted(names - expected), sorted(expected - names)
     if unknown or missing:
         raise ValueError(
             f"{path} does not match block {i} of {sk.architecture}: missing {missing[:5]}, unknown {unknown[:5]}; "
             "was it written by save_block for this model?"
         )
-    return out
+
+    def load() -> dict[str, torch.Tensor]:
+        with safe_open(str(path), framework="pt") as f:
+            return {prefix + n: f.get_tensor(n) for n in found}
+
+    return _Unit({prefix + n: (dtypes.get(prefix + n, dt), shape) for n, (dt, shape) in found.items()}, load)
 
 
-def _units(sk: Skeleton, paths: list[Path], index: SafetensorsIndex) -> Iterator[dict[str, torch.Tensor]]:
+def _units(sk: Skeleton, paths: list[Path], index: SafetensorsIndex, dtypes: dict[str, torch.dtype]) -> list[_Unit]:
     """The checkpoint in units: non-block tensors first, then one block at a time.
 
     Original block tensors that the block does not have (old buffers transformers
     ignores on load, e.g. GPT-2's `attn.bias`) are dropped, as `load_block` drops them.
+    Every file's header is checked here, before anything is written.
     """
-    yield index.load([k for k in index.weight_map if sk.block_of(k) is None])
-    for i, path in enumerate(paths):
-        yield _read_block(path, i, sk)
+    rest = [k for k in index.weight_map if sk.block_of(k) is None]
+    layout: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
+    for file in index.files():
+        names = [k for k in rest if index.weight_map[k] == file]
+        if names:
+            layout.update(_header(index.root / file, names))
+    units = [_Unit({k: layout[k] for k in rest}, lambda: index.load(rest))]
+    return units + [_block_unit(path, i, sk, dtypes) for i, path in enumerate(paths)]
 
 
 def assemble(
@@ -104,7 +143,7 @@ def assemble(
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        shards = _write_shards(_units(sk, paths, index), dtypes, tmp, max_shard_bytes)
+        shards = _write_shards(_units(sk, paths, index, dtypes), tmp, max_shard_bytes)
         _write_index(tmp, shards)
         for src in sorted(model_dir.iterdir()):
             if src.is_file() and not src.name.endswith(WEIGHT_SUFFIXES) and src.name != INDEX_NAME:
@@ -117,27 +156,44 @@ def assemble(
     return out_dir
 
 
-def _write_shards(
-    units: Iterator[dict[str, torch.Tensor]], dtypes: dict[str, torch.dtype], folder: Path, max_bytes: int
-) -> list[dict[str, int]]:
+def _write_shards(units: list[_Unit], folder: Path, max_bytes: int) -> list[dict[str, int]]:
     """Group units into shards of at most `max_bytes` (a unit is never split); return each shard's sizes."""
-    shards: list[dict[str, int]] = []
-    pending: dict[str, torch.Tensor] = {}
-
-    def flush() -> None:
-        if pending:
-            save_file(pending, str(folder / f"shard-{len(shards):05d}.safetensors"), metadata={"format": "pt"})
-            shards.append({k: v.numel() * v.element_size() for k, v in pending.items()})
-            pending.clear()
-
+    groups: list[list[_Unit]] = []
     for unit in units:
-        unit = {k: v.to(dtypes.get(k, v.dtype)).contiguous() for k, v in unit.items()}
-        size = sum(v.numel() * v.element_size() for v in unit.values())
-        if pending and sum(v.numel() * v.element_size() for v in pending.values()) + size > max_bytes:
-            flush()
-        pending.update(unit)
-    flush()
+        if groups and sum(u.nbytes for u in groups[-1]) + unit.nbytes <= max_bytes:
+            groups[-1].append(unit)
+        else:
+            groups.append([unit])
+    shards = []
+    for j, group in enumerate(groups):
+        _stream_safetensors(folder / f"shard-{j:05d}.safetensors", group)
+        shards.append({k: math.prod(shape) * dt.itemsize for u in group for k, (dt, shape) in u.layout.items()})
     return shards
+
+
+def _stream_safetensors(path: Path, units: list[_Unit]) -> None:
+    """Write one safetensors file unit by unit: the header first (it needs only dtypes and
+    shapes), then each unit's bytes, so only one unit's tensors are ever in memory."""
+    header: dict[str, dict] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for unit in units:
+        for name, (dt, shape) in unit.layout.items():
+            size = math.prod(shape) * dt.itemsize
+            header[name] = {"dtype": _NAMES[dt], "shape": list(shape), "data_offsets": [offset, offset + size]}
+            offset += size
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for unit in units:
+            tensors = unit.load()
+            for name, (dt, shape) in unit.layout.items():
+                t = tensors.pop(name).to("cpu", dt).contiguous()
+                if tuple(t.shape) != shape:
+                    raise ValueError(f"{name}: the file holds shape {tuple(t.shape)}, its header said {shape}")
+                f.write(t.reshape(-1).view(torch.uint8).numpy().data)
+            del tensors, t
 
 
 def _write_index(folder: Path, shards: list[dict[str, int]]) -> None:

@@ -88,8 +88,9 @@ class PruneConfig:
     """Score only the first N items of each task (quick runs on a CPU)."""
     device: str = "cpu"
     """``cpu`` or ``cuda``: where blocks, Hessians and solves run."""
-    batch_size: int = 8
-    """Calibration samples per block forward pass."""
+    batch_size: int = 2
+    """Calibration samples per block forward pass. On a CPU, 2 windows of 512 run as fast as 8 and
+    hold a quarter of the intermediates (SmolLM2: +44 MiB instead of +162 MiB); raise it on a GPU."""
     keep_acts: int = 2
     """Activation boundaries kept on disk (older ones are deleted as the run proceeds)."""
     progress: bool = True

@@ -40,6 +40,7 @@ from stages.blocks import (
 from stages.calibration import CalibrationConfig, read_tokens, sample_calibration, write_tokens
 from stages.capture import capture_inputs
 from stages.config import PruneConfig
+from stages.memory import release_memory
 from stages.models import load_config, load_tokenizer, max_positions, resolve_model
 from stages.pruning import block_outlier_ratio, collect_hessians, prune_block
 from stages.rundir import RunLock, init_run, prune_old, sweep_tmp, verify_record, write_record
@@ -143,6 +144,7 @@ def calibrate(cfg: PruneConfig, run: Run) -> dict:
     tok = load_tokenizer(run.model_dir, cfg.trust_remote_code)
     ids = sample_calibration(tok, CalibrationConfig(cfg.calib, cfg.nsamples, cfg.seqlen, cfg.seed))
     write_tokens(run.tokens, ids)
+    release_memory()  # tokenizing the corpus leaves a large freed heap behind
     return write_record(record, {"nsamples": int(ids.shape[0]), "seqlen": int(ids.shape[1])}, [run.tokens])
 
 
@@ -164,7 +166,10 @@ def capture(cfg: PruneConfig, run: Run, needed: bool = False) -> dict:
         writer.add(hidden)
     save_layer_kwargs(run.layer_kwargs, kwargs)
     write_record(kw_record, {}, [run.layer_kwargs])
-    return {"captured": True, "samples": int(hidden.shape[0])}
+    samples = int(hidden.shape[0])
+    del hidden
+    release_memory()
+    return {"captured": True, "samples": samples}
 
 
 def _load_kwargs(run: Run) -> dict:
@@ -243,6 +248,8 @@ def prune_one(cfg: PruneConfig, run: Run, i: int, sparsity: float) -> dict:
     payload = {"block": i, "seconds": time.perf_counter() - t0, "layers": {k: asdict(v) for k, v in stats.items()}}
     record = write_record(run.block_record(i), payload, [run.block_file(i)])
     prune_old(run.root / "acts", "block_*", keep_last=cfg.keep_acts)
+    del block
+    release_memory()
     return record
 
 
@@ -255,6 +262,7 @@ def assemble_model(cfg: PruneConfig, run: Run) -> dict:
     if missing:
         raise RuntimeError(f"blocks {missing[:5]} are not pruned yet; rerun the prune command to finish them")
     assemble(run.model_dir, run.root / "blocks", run.model, trust_remote_code=cfg.trust_remote_code)
+    release_memory()
     files = sorted(p for p in run.model.iterdir() if p.is_file())
     return write_record(run.model_record, {"blocks": run.num_blocks}, files)
 

@@ -7,7 +7,7 @@ CONFIG_JSON is a `PruneConfig` as JSON. KILLPOINT is one of
 - `none`: run to the end;
 - `after:REL`: SIGKILL right after the atomic write of `RUN_DIR/REL` is renamed into place;
 - `before:REL`: SIGKILL after `RUN_DIR/REL` is written to its temporary name, before the rename;
-- `assemble`: SIGKILL inside `stages.assemble` right after its first weight file is written;
+- `assemble`: SIGKILL inside `stages.assemble` while its first weight file is half written;
 - `hold:I`: when block I starts pruning, create `RUN_DIR/.holding` and sleep (for lock tests).
 
 The kill is a real `os.kill(os.getpid(), SIGKILL)`: no cleanup handler, `finally` or
@@ -99,13 +99,19 @@ def install_atomic_kill(run_dir: Path, when: str, rel: str) -> None:
 
 
 def install_assemble_kill() -> None:
-    real = stages.assemble.save_file
+    """Kill in the middle of the first weight file: its header and first unit are written, the rest is not."""
+    real = stages.assemble._stream_safetensors
 
-    def save_file(tensors, filename, metadata=None):
-        real(tensors, filename, metadata=metadata)
-        die(f"assemble {Path(filename).parent.name}/{Path(filename).name}")
+    def stream(path, units):
+        def dying_load(unit=units[-1]):
+            die(f"assemble {Path(path).parent.name}/{Path(path).name}")
 
-    stages.assemble.save_file = save_file
+        if len(units) > 1:
+            units = [*units[:-1], stages.assemble._Unit(units[-1].layout, dying_load)]
+        real(path, units)
+        die(f"assemble {Path(path).parent.name}/{Path(path).name}")
+
+    stages.assemble._stream_safetensors = stream
 
 
 def block_index(args: tuple, kwargs: dict) -> int:

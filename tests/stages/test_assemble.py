@@ -100,3 +100,46 @@ def test_gpt2_checkpoint_without_prefix(tiny_model_factory, tmp_path: Path) -> N
     with torch.no_grad():
         torch.testing.assert_close(load_checked(out)(ids).logits, ref)
     assert json.loads((out / "config.json").read_text())["model_type"] == "gpt2"
+
+
+@pytest.mark.parametrize("block_dtype", [torch.float32, torch.bfloat16])
+def test_streamed_shards_hold_one_block_and_keep_dtypes(tiny_llama_dir: Path, tmp_path: Path, monkeypatch, block_dtype) -> None:
+    """Shards are written unit by unit: a unit's tensors are gone before the next unit loads;
+    a bf16 original stays bf16 and the files read back equal to the block files."""
+    import weakref
+
+    import stages.assemble as asm
+
+    bf16 = tmp_path / "bf16"
+    bf16.mkdir()
+    tensors = {k: v.to(torch.bfloat16) for k, v in load_file(tiny_llama_dir / "model.safetensors").items()}
+    save_file(tensors, str(bf16 / "model.safetensors"), metadata={"format": "pt"})
+    for p in tiny_llama_dir.iterdir():
+        if not p.name.endswith(".safetensors"):
+            (bf16 / p.name).write_bytes(p.read_bytes())
+    blocks = write_blocks(bf16, tmp_path / "b", lambda i, b: b.to(block_dtype))
+
+    alive: list[weakref.ref] = []
+    overlaps = []
+    real_block_unit = asm._block_unit
+
+    def tracking_unit(*args, **kwargs):
+        unit = real_block_unit(*args, **kwargs)
+
+        def load():
+            overlaps.append(sum(r() is not None for r in alive))
+            out = unit.load()
+            alive.extend(weakref.ref(t) for t in out.values())
+            return out
+
+        return asm._Unit(unit.layout, load)
+
+    monkeypatch.setattr(asm, "_block_unit", tracking_unit)
+    out = assemble(bf16, blocks, tmp_path / "m")  # one shard: every block streams into the same file
+    assert len(overlaps) == 3 and overlaps == [0, 0, 0]  # no block's tensors outlive their writing
+    got = SafetensorsIndex.open(out)
+    loaded = got.load(list(got.keys()))
+    assert loaded.keys() == tensors.keys()
+    for k, t in loaded.items():
+        assert t.dtype == torch.bfloat16 and torch.equal(t, tensors[k]), k
+    load_checked(out)
