@@ -99,3 +99,24 @@ def test_task_fields_are_checked_and_not_part_of_the_identity():
         PruneConfig(tasks=(task_spec("boolq"), task_spec("boolq")))
     with pytest.raises(ValueError, match=r"task_limit \(--limit\) must be a positive integer, got 0"):
         PruneConfig(task_limit=0)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "opt"])
+def test_blockwise_perplexity_head_in_chunks_equals_whole_model(arch, tiny_model_factory, monkeypatch):
+    """The head runs a few positions at a time (here 5, so every window spans several chunks,
+    one of them short); the perplexity equals exp(mean window loss) of the whole model."""
+    model_dir = tiny_model_factory(arch)
+    windows = torch.randint(3, 128, (3, 23), generator=torch.Generator().manual_seed(1))
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    with torch.no_grad():
+        logits = model(windows).logits
+    losses = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), windows[:, 1:].reshape(-1),
+                                               reduction="none").view(3, 22).mean(dim=1)
+    expected = float(torch.exp(losses.double().mean()))
+    calls = []
+    real_nll = stages.evaluate.window_nll
+    monkeypatch.setattr(stages.evaluate, "window_nll", lambda head, h, ids: calls.append(5) or real_nll(head, h, ids, 5))
+    got = stages.evaluate.blockwise_perplexity(model_dir, windows, batch_size=2)
+    assert calls == [5, 5, 5]
+    assert got.windows == 3 and got.seqlen == 23
+    assert got.ppl == pytest.approx(expected, rel=1e-5)
