@@ -25,8 +25,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # this checkout's stages, not an editable install's (e.g. from a git worktree)
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -35,7 +39,7 @@ from stages.models import DEFAULT_MODEL, max_positions, resolve_model
 from stages.perplexity import causal_lm_forward
 from stages.tasks import ItemScore, choice_length, encode_pair, load_task, score_items
 
-SAMPLES = Path(os.environ.get("SPARSEGPT_DATA_DIR", Path(__file__).resolve().parents[1].parent / "shared" / "data")) / "task-samples"
+SAMPLES = Path(os.environ.get("SPARSEGPT_DATA_DIR", ROOT.parent / "shared" / "data")) / "task-samples"
 FILES = {
     "lambada": "lambada_test.jsonl",
     "piqa": "piqa_valid.jsonl",
