@@ -14,7 +14,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import stages.tasks
+import stages.task_scoring
 from stages.perplexity import causal_lm_forward
 from stages.task_formats import Item, preprocess, read_items
 from stages.tasks import (
@@ -238,7 +238,7 @@ def test_smollm2_scores_samples(smollm2_dir: Path) -> None:
     model = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(smollm2_dir)
     specs = [spec(name) for name in FILES if name != "arc_challenge"]
-    assert stages.tasks._ModelRunner(model).shares_prefixes
+    assert stages.task_scoring._ModelRunner(model).shares_prefixes
     # The real tokenizer and model score every task once (shared prefixes on the KV cache),
     # two items per task equal full rows one at a time, and one item per task is rescored independently.
     batched = evaluate_tasks(model, tok, specs, limit=3, batch_size=8)
@@ -320,7 +320,7 @@ def test_shared_prefixes_equal_one_request_at_a_time(tiny_model_factory, kind: s
     folder = tiny_model_factory(kind)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(folder)
-    runner = stages.tasks._ModelRunner(model)
+    runner = stages.task_scoring._ModelRunner(model)
     assert runner.shares_prefixes and runner.keep_kw  # the KV cache and logits_to_keep pass the probe
     items = [Item(tuple(reqs), 0, tuple(c for _, c in reqs)) for reqs in DESIGNED]
     reqs = [r for item in items for r in item.requests]
@@ -347,9 +347,9 @@ def test_shared_prefixes_equal_one_request_at_a_time(tiny_model_factory, kind: s
 def test_without_cache_or_logits_to_keep_rows_run_whole(tiny, monkeypatch) -> None:
     """A model failing the probe (here: forced) is scored one full row per input, with full logits."""
     model, tok = tiny
-    monkeypatch.setattr(stages.tasks, "_PROBED", weakref.WeakKeyDictionary())
-    monkeypatch.setattr(stages.tasks._ModelRunner, "_agrees", lambda self, shares_prefixes: False)
-    runner = stages.tasks._ModelRunner(model)
+    monkeypatch.setattr(stages.task_scoring, "_PROBED", weakref.WeakKeyDictionary())
+    monkeypatch.setattr(stages.task_scoring._ModelRunner, "_agrees", lambda self, shares_prefixes: False)
+    runner = stages.task_scoring._ModelRunner(model)
     assert not runner.shares_prefixes and not runner.keep_kw
     items = [Item(tuple(reqs), 0, tuple(c for _, c in reqs)) for reqs in DESIGNED]
     reqs = [r for item in items for r in item.requests]
