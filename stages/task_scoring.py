@@ -1,12 +1,16 @@
-"""Running loglikelihood requests through a model: shared prefixes, batching, and the probe.
+"""Running loglikelihood requests through a model: token tries, batching, and the probe.
 
 `stages.tasks.loglikelihood` turns requests into input rows (`_Row`) and hands them here.
-The rows of one item (one group label) run their longest common token prefix once with
-the KV cache and only their remainders on top of it (`_score_groups`); passes are cut by
-`length_batches`, and the output head runs only at positions that predict a continuation
-token. A model shares prefixes only if a probe on a few token ids scores the same as
-plain full-row forwards (`_ModelRunner`); otherwise, and for a plain `Forward` callable,
-every row runs whole.
+The rows of one item (one group label) are packed into one token trie (`_Tree`): every
+distinct token path appears once, each token at its position in its own row, and a 4D
+attention mask lets a token see only its ancestors, so one pass of one sequence scores
+all of an item's requests with no KV cache, no copies and no padding between them.
+Several tries share a batch row where they fit, passes are cut by `length_batches`
+(`tree_batches`), and the output head runs only at nodes that predict a continuation
+token. A model runs trees only if a probe on a few token ids
+scores them like plain full-row forwards (`_ModelRunner`); otherwise, and for a plain
+`Forward` callable, every row is its own causal sequence. Scores equal one request at a
+time up to float rounding, as no position sees a token its own row would not hold there.
 """
 
 import inspect
@@ -21,7 +25,7 @@ from stages.perplexity import Forward
 
 PASS_TOKENS = 24
 """The fixed cost of a forward pass in padded tokens' worth (SmolLM2-135M on one CPU thread:
-about 80 ms, reading every weight once, against 3.5 ms a token)."""
+a matmul over a few rows reads every weight for little work, about 40 ms, against 2.7 ms a token)."""
 
 
 def length_batches(rows: list, batch_size: int, pass_tokens: int = PASS_TOKENS) -> list[list]:
@@ -32,8 +36,8 @@ def length_batches(rows: list, batch_size: int, pass_tokens: int = PASS_TOKENS) 
     its compute, while every pass also has a fixed cost (`pass_tokens`). The cut here
     minimises padded tokens (rows x width of each batch) plus `pass_tokens` per batch, by
     dynamic programming over the sorted rows; among equal costs earlier batches are fuller.
-    Scores are unchanged (right padding is never read). A row is a tuple whose first
-    element is the token sequence.
+    Scores are unchanged (padding is never read). A row is a tuple whose first element is
+    the token sequence.
     """
     n = len(rows)
     best = [0.0] + [math.inf] * n  # best[i]: least cost of the first i rows
@@ -58,8 +62,6 @@ class _Row:
     group: Hashable
     reqs: list[tuple[int, list[int]]] = field(default_factory=list)
     """(request index, continuation ids): the continuation is predicted by the row's last len(cont) positions."""
-    head: torch.Tensor | None = None
-    """Kept logits from the prefix pass, waiting for the remainder's."""
 
     @property
     def first(self) -> int:
@@ -68,75 +70,108 @@ class _Row:
 
 
 @dataclass(eq=False)
-class _Group:
-    """Rows that share their first `width` tokens; a group of one row is the whole row."""
+class _Tree:
+    """Rows packed as a token trie: nodes in creation order (a parent before its children)."""
 
     rows: list[_Row]
-    width: int
+    ids: list[int] = field(default_factory=list)
+    """The token of each node."""
+    paths: list[list[int]] = field(default_factory=list)
+    """Per row, the node at each of its positions (a node's position is its depth)."""
+
+    @classmethod
+    def of(cls, rows: list[_Row]) -> "_Tree":
+        tree, children = cls(rows), {}  # (parent node or -1, token) -> node
+        for row in rows:
+            node, path = -1, []
+            for token in row.ids:
+                node = children.setdefault((node, token), len(tree.ids))
+                if node == len(tree.ids):
+                    tree.ids.append(token)
+                path.append(node)
+            tree.paths.append(path)
+        return tree
+
+    @property
+    def chain(self) -> bool:
+        """Whether the tree is one row and its prefixes: node k at position k, a plain causal sequence."""
+        return len(self.ids) == max(len(p) for p in self.paths)
 
 
-def _prefix_groups(rows: Iterable[_Row]) -> list[_Group]:
-    """Rows grouped by label with their longest common token prefix; rows with none stay alone."""
+def _prefix_trees(rows: Iterable[_Row], shares_prefixes: bool) -> list[_Tree]:
+    """One trie per group label if `shares_prefixes`, else one per row; longest first."""
+    if not shares_prefixes:
+        return sorted((_Tree.of([r]) for r in rows), key=lambda t: -len(t.ids))
     labelled: dict[Hashable, list[_Row]] = {}
     for row in rows:
         labelled.setdefault(row.group, []).append(row)
-    out = []
-    for members in labelled.values():
-        width = min(len(r.ids) for r in members)
-        for r in members[1:]:
-            width = next((k for k in range(width) if r.ids[k] != members[0].ids[k]), width)
-        if width:
-            out.append(_Group(members, width))
-        else:
-            out.extend(_Group([r], len(r.ids)) for r in members)
-    return out
+    return sorted((_Tree.of(members) for members in labelled.values()), key=lambda t: -len(t.ids))
 
 
-def _score_groups(runner: "_Runner", groups: list[_Group], batch_size: int) -> Iterator[tuple[int, tuple[float, bool]]]:
-    """Score groups: their prefixes in one right-padded pass (with the KV cache if some row goes
-    on), then the remainders of their rows, longest first, in passes of at most `batch_size` rows
-    on the cache rows of their prefixes. Yields (request index, (loglik, greedy))."""
-    width = max(g.width for g in groups)
-    ids = torch.zeros(len(groups), width, dtype=torch.long)  # (b, P); pad id 0 as lm-eval, never read
-    keep = torch.zeros(len(groups), width, dtype=torch.bool)  # positions whose logits are needed
-    lows = []
-    for i, g in enumerate(groups):
-        ids[i, : g.width] = torch.tensor(g.rows[0].ids[: g.width])
-        lows.append(min(r.first for r in g.rows))
-        keep[i, lows[i] : g.width] = True
-    rest = [(i, r) for i, g in enumerate(groups) for r in g.rows if len(r.ids) > g.width]
-    logits, cache = runner(ids, keep, use_cache=bool(rest))
-    for i, (g, kept) in enumerate(zip(groups, logits.split(keep.sum(dim=1).tolist()))):
-        for r in g.rows:
-            r.head = kept[max(r.first - lows[i], 0) :] if r.first < g.width else kept[:0]  # positions first..P-1
-            if len(r.ids) == g.width:
-                yield from _score_row(r)
-    rest.sort(key=lambda ir: -(len(ir[1].ids) - groups[ir[0]].width))
-    for chunk in length_batches([(r.ids[groups[i].width :], i, r) for i, r in rest], batch_size):
-        starts = torch.tensor([groups[i].width for _, i, _ in chunk])  # (n,) prefix length of each row
-        past = int(starts.max())
-        tail = max(len(rem) for rem, _, _ in chunk)
-        ids = torch.zeros(len(chunk), tail, dtype=torch.long)  # (n, R) right-padded remainders
-        keep = torch.zeros(len(chunk), tail, dtype=torch.bool)
-        for k, (rem, _, r) in enumerate(chunk):
-            ids[k, : len(rem)] = torch.tensor(rem)
-            keep[k, max(r.first - int(starts[k]), 0) : len(rem)] = True
-        mask = None
-        if int(starts.min()) < past:  # cache positions past a row's own prefix are another item's padding
-            mask = (torch.arange(past + tail)[None, :] < starts[:, None]) | (torch.arange(past + tail)[None, :] >= past)
-            mask = mask.long()  # (n, past + R)
-        index = torch.tensor([i for _, i, _ in chunk])
-        positions = starts[:, None] + torch.arange(tail)[None, :]  # (n, R)
-        tails, _ = runner(ids, keep, cache=runner.select(cache, index, past), positions=positions, mask=mask)
-        for (_, _, r), kept in zip(chunk, tails.split(keep.sum(dim=1).tolist())):
-            r.head = torch.cat([r.head, kept])
-            yield from _score_row(r)
+def tree_batches(rows: Iterable[_Row], shares_prefixes: bool, batch_size: int) -> list[list[list[_Tree]]]:
+    """Passes of at most `batch_size` lines, a line being the trees that share one batch row.
+
+    If `shares_prefixes`, the rows of a group label form one trie and the tries are packed
+    first-fit, longest first, into lines as long as the longest trie (`_pack`): little
+    padding is left, and passes are few and large (a CPU's matmuls are most efficient on
+    hundreds of rows). Otherwise every row is a line of its own. The lines, longest first,
+    are cut into passes by `length_batches`."""
+    trees = _prefix_trees(rows, shares_prefixes)
+    lines = _pack(trees) if shares_prefixes else [[t] for t in trees]
+    lines.sort(key=lambda line: -sum(len(t.ids) for t in line))
+    cuts = length_batches([([i for t in line for i in t.ids], line) for line in lines], batch_size)
+    return [[line for _, line in batch] for batch in cuts]
 
 
-def _score_row(row: _Row) -> Iterator[tuple[int, tuple[float, bool]]]:
-    """(request, (loglik, greedy)) of a row whose logits at positions first..L-1 are in `row.head`."""
-    logprobs = torch.log_softmax(row.head.float(), dim=-1)  # (L - first, vocab)
-    row.head = None
+def _pack(trees: list[_Tree]) -> list[list[_Tree]]:
+    """Trees (longest first) packed first-fit into lines of at most the first tree's nodes."""
+    lines: list[list[_Tree]] = []
+    free: list[int] = []  # nodes left in each line
+    for t in trees:
+        k = next((k for k, f in enumerate(free) if f >= len(t.ids)), len(lines))
+        if k == len(lines):
+            lines.append([])
+            free.append(len(trees[0].ids))
+        lines[k].append(t)
+        free[k] -= len(t.ids)
+    return lines
+
+
+def _score_trees(runner: "_Runner", lines: list[list[_Tree]]) -> Iterator[tuple[int, tuple[float, bool]]]:
+    """Score lines of trees in one right-padded pass; yields (request index, (loglik, greedy)).
+
+    Kept are the nodes at positions `first..` of some row. Unless every line is one chain,
+    the pass gets each node's position in its row and a mask (b, W, W) letting a node see
+    its ancestors and itself (a padding node only itself)."""
+    width = max(sum(len(t.ids) for t in line) for line in lines)
+    ids = torch.zeros(len(lines), width, dtype=torch.long)  # (b, W); pad id 0 as lm-eval, never read
+    keep = torch.zeros(len(lines), width, dtype=torch.bool)  # nodes whose logits are needed
+    tree_kw = {}
+    if not all(len(line) == 1 and line[0].chain for line in lines):
+        tree_kw["positions"] = torch.zeros(len(lines), width, dtype=torch.long)  # (b, W)
+        tree_kw["sees"] = torch.eye(width, dtype=torch.bool).repeat(len(lines), 1, 1)  # (b, W, W) query -> key node
+    nodes_of = []  # (batch row, row, nodes of the row in the batch row)
+    for b, line in enumerate(lines):
+        start = 0
+        for t in line:
+            ids[b, start : start + len(t.ids)] = torch.tensor(t.ids)
+            for row, path in zip(t.rows, t.paths):
+                nodes = torch.tensor(path) + start
+                keep[b, nodes[row.first :]] = True
+                nodes_of.append((b, row, nodes))
+                if tree_kw:
+                    tree_kw["positions"][b, nodes] = torch.arange(len(path))
+                    tree_kw["sees"][b, nodes[:, None], nodes[None, :]] |= torch.ones(len(path), len(path), dtype=torch.bool).tril()
+            start += len(t.ids)
+    logits = runner(ids, keep, **tree_kw)  # (n_keep, vocab), in (b, node) order
+    kept_at = keep.flatten().cumsum(0).view_as(keep) - 1  # (b, W) index of a kept node's logits
+    for b, row, nodes in nodes_of:
+        yield from _score_row(row, logits[kept_at[b, nodes[row.first :]]])
+
+
+def _score_row(row: _Row, head: torch.Tensor) -> Iterator[tuple[int, tuple[float, bool]]]:
+    """(request, (loglik, greedy)) of a row whose logits at positions first..L-1 are `head`."""
+    logprobs = torch.log_softmax(head.float(), dim=-1)  # (L - first, vocab)
     for j, cont in row.reqs:
         lp = logprobs[len(logprobs) - len(cont) :]  # the last len(cont) positions predict cont
         target = torch.tensor(cont, device=lp.device)
@@ -144,45 +179,45 @@ def _score_row(row: _Row) -> Iterator[tuple[int, tuple[float, bool]]]:
 
 
 class _Runner:
-    """Runs a right-padded batch and returns the logits at its `keep` positions, flattened (n_keep, vocab)."""
+    """Runs a right-padded batch and returns the logits at its `keep` positions, flattened (n_keep, vocab).
+
+    `positions` (b, W) and `sees` (b, W, W: may query node q attend to key node k) come
+    only for trees that are not chains, and only to a runner that `shares_prefixes`."""
 
     shares_prefixes = False
 
-    def __call__(self, ids: torch.Tensor, keep: torch.Tensor, *, use_cache: bool = False, cache=None,
-                 positions: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, object]:
-        raise NotImplementedError
-
-    def select(self, cache, index: torch.Tensor, length: int):
-        """A new cache of the first `length` positions of batch rows `index` of `cache`."""
+    def __call__(self, ids: torch.Tensor, keep: torch.Tensor, *, positions: torch.Tensor | None = None,
+                 sees: torch.Tensor | None = None) -> torch.Tensor:
         raise NotImplementedError
 
 
 class _ForwardRunner(_Runner):
-    """A `Forward` callable: full logits of every row, no cache."""
+    """A `Forward` callable: full logits of every row, plain causal rows only."""
 
     def __init__(self, forward: Forward):
         self.forward = forward
 
-    def __call__(self, ids, keep, *, use_cache=False, cache=None, positions=None, mask=None):
+    def __call__(self, ids, keep, *, positions=None, sees=None):
+        if sees is not None:
+            raise ValueError("a Forward runs plain causal rows only")
         logits = self.forward(ids)
         if not isinstance(logits, torch.Tensor) or logits.ndim != 3 or logits.shape[:2] != ids.shape:
             got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits)
             raise ValueError(f"forward must return logits (b, L, vocab) for ids {tuple(ids.shape)}, got {got}")
-        return logits[keep.to(logits.device)], None
+        return logits[keep.to(logits.device)]
 
 
 class _ModelRunner(_Runner):
-    """A Hugging Face causal LM, with its own KV cache (`DynamicCache`) and `logits_to_keep`.
+    """A Hugging Face causal LM, given position ids and a 4D mask for trees, and `logits_to_keep`.
 
-    The prefix pass returns the model's cache; a remainder pass gets a new cache of the
-    prefix rows it continues (`select`), explicit position ids (prefix length + offset)
-    and, where prefixes of different lengths share the pass, an attention mask that hides
-    the cache positions past a row's own prefix. `logits_to_keep` takes the boolean
-    `(b, L)` mask, so the output head runs only at the kept positions; a model without it
-    returns full logits, indexed here. Both features are used only if a probe on a few
-    token ids scores the same with them as with plain full-row forwards (a model without
-    a cache, with sliding-window or other cache layers, or that ignores position ids or
-    masks, falls back to full rows). The probe's answer is kept per model, device and dtype.
+    A tree's mask goes in as an additive float mask (0 where a node may attend, the
+    dtype's minimum elsewhere), which transformers passes through to the attention as it
+    is (eager and SDPA). `logits_to_keep` takes the boolean `(b, W)` mask, so the output
+    head runs only at the kept nodes; a model without it returns full logits, indexed
+    here. Both features are used only if a probe on a few token ids scores the same with
+    them as with plain full-row forwards: a model that ignores position ids or custom
+    masks, or has sliding-window or chunked attention layers (a custom mask would lift
+    their window), runs full rows. The probe's answer is kept per model, device and dtype.
     """
 
     def __init__(self, model: torch.nn.Module):
@@ -190,70 +225,61 @@ class _ModelRunner(_Runner):
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
         params = inspect.signature(model.forward).parameters
-        self.cache_kw = next((k for k in ("cache", "past_key_values") if k in params), None)
         probed = _PROBED.setdefault(model, {})
         if (self.device, self.dtype) not in probed:
             self.keep_kw = "logits_to_keep" in params
             self.keep_kw = self.keep_kw and self._agrees(shares_prefixes=False)
-            can_cache = self.cache_kw is not None and {"position_ids", "attention_mask", "use_cache"} <= params.keys()
-            self.shares_prefixes = can_cache and self._agrees(shares_prefixes=True)
+            can_tree = {"position_ids", "attention_mask"} <= params.keys() and _full_attention_only(model.config)
+            self.shares_prefixes = can_tree and self._agrees(shares_prefixes=True)
             probed[self.device, self.dtype] = self.keep_kw, self.shares_prefixes
         self.keep_kw, self.shares_prefixes = probed[self.device, self.dtype]
 
-    def __call__(self, ids, keep, *, use_cache=False, cache=None, positions=None, mask=None):
+    def __call__(self, ids, keep, *, positions=None, sees=None):
         keep = keep.to(self.device)
-        kwargs: dict = {"input_ids": ids.to(self.device), "use_cache": use_cache or cache is not None}
-        if cache is not None:
-            kwargs[self.cache_kw] = cache
-        if positions is not None:
+        kwargs: dict = {"input_ids": ids.to(self.device), "use_cache": False}
+        if sees is not None:
+            mask = torch.zeros(sees.shape, dtype=self.dtype, device=self.device)  # (b, W, W)
+            mask.masked_fill_(~sees.to(self.device), torch.finfo(self.dtype).min)
+            kwargs["attention_mask"] = mask[:, None]  # (b, 1, W, W)
             kwargs["position_ids"] = positions.to(self.device)
-        if mask is not None:
-            kwargs["attention_mask"] = mask.to(self.device)
         if self.keep_kw:
             kwargs["logits_to_keep"] = keep
-        out = self.model(**kwargs)
-        logits = out.logits
+        logits = self.model(**kwargs).logits
         if not self.keep_kw:
             logits = logits[keep]
         if logits.ndim != 2 or logits.shape[0] != int(keep.sum()):
             raise ValueError(f"expected logits ({int(keep.sum())}, vocab) at the kept positions, got {tuple(logits.shape)}")
-        if not use_cache:
-            return logits, None
-        new_cache = getattr(out, "cache", None)
-        return logits, new_cache if new_cache is not None else getattr(out, "past_key_values", None)
-
-    def select(self, cache, index: torch.Tensor, length: int):
-        from transformers import DynamicCache
-        from transformers.cache_utils import DynamicLayer
-
-        layers = getattr(cache, "layers", None)
-        if not layers or any(type(layer) is not DynamicLayer for layer in layers):
-            raise TypeError(f"prefix sharing needs a DynamicCache of plain DynamicLayers, got {type(cache).__name__}")
-        index = index.to(self.device)
-        return DynamicCache(ddp_cache_data=[(layer.keys.index_select(0, index)[:, :, :length],
-                                             layer.values.index_select(0, index)[:, :, :length]) for layer in layers])
+        return logits
 
     def _agrees(self, shares_prefixes: bool) -> bool:
         """Whether scoring a few made-up rows with this setting matches full-row forwards with full logits."""
         vocab = int(getattr(self.model.config, "vocab_size", 0) or 0) or 32
-        wholes = [[5, 6, 7, 8, 9, 10, 11], [5, 6, 7, 8, 12, 13, 14, 15], [5, 6, 16, 17, 18], [5, 6, 19, 20], [7, 8, 9, 10]]
-        labels = [0, 0, 1, 1, 2]  # prefixes 4 and 2 in one pass (masked gap), a continuation into the prefix, a row alone
+        wholes = [[5, 6, 7, 8, 9, 10, 11], [5, 6, 7, 8, 12, 13, 14, 15], [5, 6, 7, 8, 12, 16], [5, 6, 16, 17, 18],
+                  [5, 6, 19, 20], [7, 8, 9, 10], [9, 8, 7, 6]]
+        # a trie of 9 nodes (branches at 4 and 5, a continuation into the shared prefix) in a line of its own,
+        # a trie of 5 and a chain of 3 packed in one line, a chain of 3 in another
+        labels = [0, 0, 0, 1, 1, 2, 3]
         rows = [_Row(tuple(t % vocab for t in w[:-1]), g, [(k, [t % vocab for t in w[-3:]])])
                 for k, (w, g) in enumerate(zip(wholes, labels))]
         plain = _ForwardRunner(lambda ids: self.model(input_ids=ids.to(self.device), use_cache=False).logits)
-        saved = self.shares_prefixes
-        self.shares_prefixes = shares_prefixes
         try:
             with torch.inference_mode():
-                want = dict(_score_groups(plain, [_Group([r], len(r.ids)) for r in rows], 8))
-                groups = _prefix_groups(rows) if shares_prefixes else [_Group([r], len(r.ids)) for r in rows]
-                got = dict(_score_groups(self, sorted(groups, key=lambda g: -g.width), 8))
+                want = {j: res for batch in tree_batches(rows, False, 1) for j, res in _score_trees(plain, batch)}
+                got = {j: res for batch in tree_batches(rows, shares_prefixes, 8) for j, res in _score_trees(self, batch)}
         except Exception:  # noqa: BLE001  an unsupported feature falls back, whatever it raises
             return False
-        finally:
-            self.shares_prefixes = saved
         tol = 1e-4 if self.dtype in (torch.float32, torch.float64) else 3e-2
         return all(abs(got[k][0] - want[k][0]) <= tol * (1 + abs(want[k][0])) for k in want)
+
+
+def _full_attention_only(config) -> bool:
+    """Whether every attention layer sees the whole sequence (no sliding window or chunks a custom mask would lift)."""
+    types = getattr(config, "layer_types", None)
+    if types is not None:
+        return all(t == "full_attention" for t in types)
+    if getattr(config, "attention_chunk_size", None):
+        return False
+    return getattr(config, "sliding_window", None) is None or getattr(config, "use_sliding_window", True) is False
 
 
 _PROBED: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDictionary()

@@ -6,12 +6,13 @@ tokenizer, specs)` scores every item the way lm-evaluation-harness does: the sum
 log-probability of each continuation given its context (`loglikelihood`), `acc` the
 argmax, `acc_norm` the argmax after dividing by the choice's character length, and
 for LAMBADA the greedy last-word accuracy and `ppl = exp(-mean target loglik)`.
-`model` is a Hugging Face causal LM: the requests of an item run their common token
-prefix once and only their remainders on its KV cache, and the output head runs only
-at positions that predict a continuation token. Any `Forward` (a `(b, L)` LongTensor to
-logits `(b, L, vocab)`, e.g. `stages.perplexity.causal_lm_forward(model)`) also works,
-one full row per request input. Batches are right-padded, which no score sees because a
-causal model's earlier positions never attend to later ones."""
+`model` is a Hugging Face causal LM: the requests of an item run as one token trie, each
+distinct token once, with a mask that lets a token see only its own row, and the output
+head runs only at positions that predict a continuation token (`stages.task_scoring`).
+Any `Forward` (a `(b, L)` LongTensor to logits `(b, L, vocab)`, e.g.
+`stages.perplexity.causal_lm_forward(model)`) also works, one full row per request
+input. Batches are right-padded, which no score sees because no position attends to
+padding."""
 
 import math
 from collections.abc import Hashable, Iterable, Sequence
@@ -30,14 +31,13 @@ from stages.task_formats import (
     parse_task_specs,
     read_items,
 )
-from stages.task_scoring import (  # noqa: F401 (PASS_TOKENS re-exported)
+from stages.task_scoring import (  # noqa: F401 (PASS_TOKENS, length_batches re-exported)
     PASS_TOKENS,
-    _Group,
-    _prefix_groups,
     _Row,
     _runner,
-    _score_groups,
+    _score_trees,
     length_batches,
+    tree_batches,
 )
 
 DEFAULT_MAX_LENGTH = 2048
@@ -100,10 +100,10 @@ def loglikelihood(
     with the same input (e.g. BoolQ's " no"/" yes") share one row. `model` is a Hugging
     Face causal LM or a `Forward` (ids -> logits, every row a full pass). For an HF model
     the rows of one group (`groups[j]` labels request j, e.g. its item; by default its
-    context) run their longest common token prefix once, with the KV cache, and only
-    their remainders on top of it (see `stages.task_scoring`); logits are projected only at the
-    positions that predict a continuation token. Passes hold at most `batch_size` rows,
-    longest first (`length_batches`). Results come back in request order.
+    context) run as one token trie, each shared token once, several tries packed in one
+    batch row (`stages.task_scoring`, where a probe decides if the model can); logits are
+    projected only at the positions that predict a continuation token. Passes hold at
+    most `batch_size` batch rows (`tree_batches`). Results come back in request order.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -123,13 +123,10 @@ def loglikelihood(
             rows[ids] = _Row(ids, groups[j] if groups is not None else context)
         rows[ids].reqs.append((j, cont))
     runner = _runner(model)
-    units = _prefix_groups(rows.values()) if runner.shares_prefixes else [_Group([r], len(r.ids)) for r in rows.values()]
-    units.sort(key=lambda g: -g.width)
     results: list[tuple[float, bool]] = [(0.0, False)] * len(requests)
     with torch.inference_mode():
-        batches = length_batches([(g.rows[0].ids[: g.width], g) for g in units], batch_size)
-        for batch in tqdm(batches, desc="loglikelihood", disable=not progress):
-            for j, res in _score_groups(runner, [g for _, g in batch], batch_size):
+        for batch in tqdm(tree_batches(rows.values(), runner.shares_prefixes, batch_size), desc="loglikelihood", disable=not progress):
+            for j, res in _score_trees(runner, batch):
                 results[j] = res
     return results
 
