@@ -164,18 +164,27 @@ def _score_trees(runner: "_Runner", lines: list[list[_Tree]]) -> Iterator[tuple[
                     tree_kw["sees"][b, nodes[:, None], nodes[None, :]] |= torch.ones(len(path), len(path), dtype=torch.bool).tril()
             start += len(t.ids)
     logits = runner(ids, keep, **tree_kw)  # (n_keep, vocab), in (b, node) order
-    kept_at = keep.flatten().cumsum(0).view_as(keep) - 1  # (b, W) index of a kept node's logits
-    for b, row, nodes in nodes_of:
-        yield from _score_row(row, logits[kept_at[b, nodes[row.first :]]])
+    kept_at = keep.flatten().cumsum(0).view_as(keep) - 1  # (b, W) row of a kept node in logits
+    reqs = [(j, cont) for _, row, _ in nodes_of for j, cont in row.reqs]
+    at = torch.cat([kept_at[b, nodes[len(nodes) - len(cont) :]] for b, row, nodes in nodes_of for _, cont in row.reqs])
+    picked, greedy = _log_probs(logits, at, torch.tensor([t for _, cont in reqs for t in cont]))  # per continuation token
+    sizes = [len(cont) for _, cont in reqs]
+    for (j, _), lp, hit in zip(reqs, picked.split(sizes), greedy.split(sizes)):
+        yield j, (float(lp.sum()), bool(hit.all()))
 
 
-def _score_row(row: _Row, head: torch.Tensor) -> Iterator[tuple[int, tuple[float, bool]]]:
-    """(request, (loglik, greedy)) of a row whose logits at positions first..L-1 are `head`."""
-    logprobs = torch.log_softmax(head.float(), dim=-1)  # (L - first, vocab)
-    for j, cont in row.reqs:
-        lp = logprobs[len(logprobs) - len(cont) :]  # the last len(cont) positions predict cont
-        target = torch.tensor(cont, device=lp.device)
-        yield j, (float(lp.gather(1, target[:, None]).sum()), bool((lp.argmax(dim=-1) == target).all()))
+def _log_probs(logits: torch.Tensor, at: torch.Tensor, target: torch.Tensor, chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log p(target[i]) at logits row at[i], whether target[i] is that row's argmax), on the CPU:
+    a float32 log-softmax once per logits row, however many continuations it predicts, in chunks."""
+    at, target = at.to(logits.device), target.to(logits.device)
+    picked = torch.empty(len(at), device=logits.device)
+    greedy = torch.empty(len(at), dtype=torch.bool, device=logits.device)
+    for lo in range(0, len(logits), chunk):
+        logprobs = torch.log_softmax(logits[lo : lo + chunk].float(), dim=-1)  # (chunk, vocab)
+        sel = (at >= lo) & (at < lo + chunk)
+        picked[sel] = logprobs[at[sel] - lo, target[sel]]
+        greedy[sel] = logprobs.argmax(dim=-1)[at[sel] - lo] == target[sel]
+    return picked.cpu(), greedy.cpu()
 
 
 class _Runner:
