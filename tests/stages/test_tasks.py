@@ -238,7 +238,7 @@ def test_smollm2_scores_samples(smollm2_dir: Path) -> None:
     tok = AutoTokenizer.from_pretrained(smollm2_dir)
     specs = [spec(name) for name in FILES if name != "arc_challenge"]
     assert stages.task_scoring._ModelRunner(model).shares_prefixes
-    # The real tokenizer and model score every task once (shared prefixes on the KV cache),
+    # The real tokenizer and model score every task once (token tries),
     # two items per task equal full rows one at a time, and one item per task is rescored independently.
     batched = evaluate_tasks(model, tok, specs, limit=3, batch_size=8)
     for name, m in batched.items():
