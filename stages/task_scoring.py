@@ -81,6 +81,7 @@ class _Tree:
 
     @classmethod
     def of(cls, rows: list[_Row]) -> "_Tree":
+        """The trie of `rows`: each token goes to its predecessor's child of that token, new or not."""
         tree, children = cls(rows), {}  # (parent node or -1, token) -> node
         for row in rows:
             node, path = -1, []
