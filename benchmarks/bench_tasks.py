@@ -1,4 +1,4 @@
-"""Benchmark of zero-shot task scoring: shared prefixes on the KV cache against one request at a time.
+"""Benchmark of zero-shot task scoring: token tries (shared prefixes) against one request at a time.
 
 Scores the task sample files (../shared/data/task-samples: LAMBADA, PIQA, ARC-Easy,
 HellaSwag, WinoGrande, BoolQ, StoryCloze; 20 items each) with the real embedded model
@@ -8,9 +8,10 @@ HellaSwag, WinoGrande, BoolQ, StoryCloze; 20 items each) with the real embedded 
   continuation with full logits (the plain reference, written out here);
 - rows (`--rows`): `stages.tasks.score_items` on a `Forward` (`causal_lm_forward`), i.e.
   full rows in length-aware batches of B with full logits, as before prefix sharing;
-- shared: `stages.tasks.score_items` on the model: each item's common token prefix once
-  with the KV cache, the remainders of several items' rows in batches of B, logits only at
-  continuation positions.
+- shared: `stages.tasks.score_items` on the model: each item's rows as one token trie
+  (every distinct token once, a 4D mask keeping each row to its own tokens), several
+  items' tries packed into each of at most B batch rows, logits only at continuation
+  positions (`stages.task_scoring`).
 
 Prints items/s, requests/s, forward passes, input tokens and output-head rows of each,
 the speed-ups against naive, and the largest log-likelihood difference and prediction
@@ -25,8 +26,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # this checkout's stages, not an editable install's (e.g. from a git worktree)
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -35,7 +40,7 @@ from stages.models import DEFAULT_MODEL, max_positions, resolve_model
 from stages.perplexity import causal_lm_forward
 from stages.tasks import ItemScore, choice_length, encode_pair, load_task, score_items
 
-SAMPLES = Path(os.environ.get("SPARSEGPT_DATA_DIR", Path(__file__).resolve().parents[1].parent / "shared" / "data")) / "task-samples"
+SAMPLES = Path(os.environ.get("SPARSEGPT_DATA_DIR", ROOT.parent / "shared" / "data")) / "task-samples"
 FILES = {
     "lambada": "lambada_test.jsonl",
     "piqa": "piqa_valid.jsonl",

@@ -1,20 +1,19 @@
 """Zero-shot task scoring: sample-file parsing, agreement with a plain per-choice scorer
 written here (its own prompts from the raw files, one full-sequence forward per choice,
-log-softmax by hand), shared-prefix scoring on the KV cache == one request at a time on
-Llama, GPT-2 and OPT, batched == one-at-a-time, and spec errors."""
+log-softmax by hand), batched == one-at-a-time, batch cuts, and spec errors. The token
+tries of `stages.task_scoring` are tested in test_tasks_scoring.py."""
 
 import csv
 import json
 import math
 import shutil
-import weakref
 from pathlib import Path
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import stages.tasks
+import stages.task_scoring
 from stages.perplexity import causal_lm_forward
 from stages.task_formats import Item, preprocess, read_items
 from stages.tasks import (
@@ -156,7 +155,7 @@ def test_batched_equals_one_at_a_time_with_truncation(tiny) -> None:
         assert [g for _, g in batched] == [g for _, g in single]
         assert [ll for ll, _ in batched] == pytest.approx([ll for ll, _ in single], abs=1e-5)
     seen = []
-    counting = lambda ids: seen.append(ids.shape[0]) or forward(ids)  # noqa: E731
+    counting = lambda ids: seen.append(ids.shape[0]) or forward(ids)
     one_token = [(item.requests[0][0], c) for item in load_task(spec("boolq"), limit=3) for c in "ny"]
     shared = [ll for ll, _ in loglikelihood(counting, tok, one_token, 8, 200)]
     assert shared == pytest.approx([reference_loglik(model, tok, c, x, 200)[0] for c, x in one_token], abs=1e-4)
@@ -238,8 +237,8 @@ def test_smollm2_scores_samples(smollm2_dir: Path) -> None:
     model = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(smollm2_dir)
     specs = [spec(name) for name in FILES if name != "arc_challenge"]
-    assert stages.tasks._ModelRunner(model).shares_prefixes
-    # The real tokenizer and model score every task once (shared prefixes on the KV cache),
+    assert stages.task_scoring._ModelRunner(model).shares_prefixes
+    # The real tokenizer and model score every task once (token tries),
     # two items per task equal full rows one at a time, and one item per task is rescored independently.
     batched = evaluate_tasks(model, tok, specs, limit=3, batch_size=8)
     for name, m in batched.items():
@@ -260,7 +259,7 @@ def test_acc_norm_divides_by_characters_as_lm_eval(tiny) -> None:
     space, 3 characters) beats "éé" (3 tokens, 2 characters but 4 UTF-8 bytes); by bytes it would lose."""
     _, tok = tiny
     assert choice_length("naïve") == 5
-    uniform = lambda ids: torch.zeros(*ids.shape, 128)  # noqa: E731  every token has log p = -log 128
+    uniform = lambda ids: torch.zeros(*ids.shape, 128)  # every token has log p = -log 128
     item = Item((("Question: x\nAnswer:", " abc"), ("Question: x\nAnswer:", " éé")), 0, ("abc", "éé"))
     (score,) = score_items(uniform, tok, [item], max_length=64)
     assert score.lls == pytest.approx((-4 * math.log(128), -3 * math.log(128)))
@@ -270,7 +269,7 @@ def test_acc_norm_divides_by_characters_as_lm_eval(tiny) -> None:
 def test_batches_cut_at_the_least_padding_plus_pass_cost(tiny) -> None:
     _, tok = tiny
     shapes = []
-    uniform = lambda ids: shapes.append(tuple(ids.shape)) or torch.zeros(*ids.shape, 128)  # noqa: E731
+    uniform = lambda ids: shapes.append(tuple(ids.shape)) or torch.zeros(*ids.shape, 128)
     reqs = [("a" * n, " x") for n in (60, 28, 55, 5, 30)]  # input rows of n + 1 tokens
     res = loglikelihood(uniform, tok, reqs, batch_size=8, max_length=64)
     assert shapes == [(2, 61), (2, 31), (1, 6)]  # 24 + 122 + 24 + 62 + 24 + 6: any other cut pads or passes more
@@ -281,79 +280,3 @@ def test_batches_cut_at_the_least_padding_plus_pass_cost(tiny) -> None:
     assert [len(b) for b in length_batches(rows, batch_size=8, pass_tokens=0)] == [1, 1, 1, 1]
     assert [len(b) for b in length_batches(rows, batch_size=8, pass_tokens=1000)] == [4]
     assert length_batches([], batch_size=8) == []
-
-
-# Requests of one item each: a long shared context, a shared prefix reaching into the
-# continuations (" the mat" / " the man"), a prefix equal to a whole input row (" d" is the
-# start of " d e"), one-token continuations sharing an input row, no shared prefix at all
-# (WinoGrande-like contexts that differ from the first token), a lone request, and a
-# duplicate item; "long" contexts are cut to max_length from the left.
-DESIGNED = [
-    [("The cat sat on", " the mat"), ("The cat sat on", " the man"), ("The cat sat on", " a hat"), ("The cat sat on", " it")],
-    [("abc", " d"), ("abc", " d e"), ("abc", " d e f g")],
-    [("Is it? Answer:", " no"), ("Is it? Answer:", " yes"), ("Is it? Answer:", " y")],
-    [("Xavier lent Bob", " a pen."), ("Bob lent Xavier", " a pen.")],
-    [("q", " r")],
-    [("The cat sat on", " the mat"), ("The cat sat on", " the man"), ("The cat sat on", " a hat"), ("The cat sat on", " it")],
-    [("long " * 20 + "story", " ends"), ("long " * 20 + "story", " ends well")],
-    [("long " * 19 + "tale, " + "x" * 30, " and"), ("long " * 19 + "tale, " + "x" * 30, " or not")],
-]
-
-
-def counted(model) -> tuple[dict, list]:
-    """{"tokens", "logits"}: input tokens of every forward of `model` and rows its output head projects."""
-    stats = {"tokens": 0, "logits": 0}
-
-    def count_tokens(module, args, kwargs):
-        stats["tokens"] += kwargs["input_ids"].numel()
-
-    def count_logits(module, args):
-        stats["logits"] += args[0].numel() // args[0].shape[-1]
-
-    return stats, [model.register_forward_pre_hook(count_tokens, with_kwargs=True),
-                   model.get_output_embeddings().register_forward_pre_hook(count_logits)]
-
-
-@pytest.mark.parametrize("kind", ["llama", "gpt2", "opt"])
-@pytest.mark.parametrize("max_length", [60, 24])
-def test_shared_prefixes_equal_one_request_at_a_time(tiny_model_factory, kind: str, max_length: int) -> None:
-    folder = tiny_model_factory(kind)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    tok = AutoTokenizer.from_pretrained(folder)
-    runner = stages.tasks._ModelRunner(model)
-    assert runner.shares_prefixes and runner.keep_kw  # the KV cache and logits_to_keep pass the probe
-    items = [Item(tuple(reqs), 0, tuple(c for _, c in reqs)) for reqs in DESIGNED]
-    reqs = [r for item in items for r in item.requests]
-    ref = [reference_loglik(model, tok, c, x, max_length) for c, x in reqs]
-    stats, hooks = counted(model)
-    for batch_size in (1, 3, 16):
-        stats.update(tokens=0, logits=0)
-        scores = score_items(model, tok, items, batch_size=batch_size, max_length=max_length)
-        assert [ll for s in scores for ll in s.lls] == pytest.approx([ll for ll, _ in ref], abs=1e-4)
-        assert [g for s in scores for g in s.greedy] == [g for _, g in ref]
-        k = 0
-        for s, item in zip(scores, items):
-            lls = [ll for ll, _ in ref[k : k + len(item.requests)]]
-            k += len(item.requests)
-            assert (s.pred, s.pred_norm) == (argmax(lls), argmax([ll / len(c) for ll, c in zip(lls, item.choices)]))
-        # less than one full row per request runs, and the head projects only continuation positions
-        full = sum(min(len(c + x), max_length + 1) - 1 for c, x in reqs)  # one char per token
-        assert stats["tokens"] < 0.7 * full  # the probe ran above, once per model
-        assert stats["logits"] <= sum(len(x) for _, x in reqs)
-    for h in hooks:
-        h.remove()
-
-
-def test_without_cache_or_logits_to_keep_rows_run_whole(tiny, monkeypatch) -> None:
-    """A model failing the probe (here: forced) is scored one full row per input, with full logits."""
-    model, tok = tiny
-    monkeypatch.setattr(stages.tasks, "_PROBED", weakref.WeakKeyDictionary())
-    monkeypatch.setattr(stages.tasks._ModelRunner, "_agrees", lambda self, shares_prefixes: False)
-    runner = stages.tasks._ModelRunner(model)
-    assert not runner.shares_prefixes and not runner.keep_kw
-    items = [Item(tuple(reqs), 0, tuple(c for _, c in reqs)) for reqs in DESIGNED]
-    reqs = [r for item in items for r in item.requests]
-    scores = score_items(model, tok, items, batch_size=4, max_length=60)
-    ref = [reference_loglik(model, tok, c, x, 60) for c, x in reqs]
-    assert [ll for s in scores for ll in s.lls] == pytest.approx([ll for ll, _ in ref], abs=1e-4)
-    assert [g for s in scores for g in s.greedy] == [g for _, g in ref]
