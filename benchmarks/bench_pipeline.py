@@ -9,7 +9,7 @@
    pruned by the CLI without evaluation; prints each process's peak RSS.
 
     python benchmarks/bench_pipeline.py                       # both parts, defaults of the issue
-    python benchmarks/bench_pipeline.py --part quality --eval-windows 40
+    python benchmarks/bench_pipeline.py --part quality --eval-windows 40 [--setting 50%]
     python benchmarks/bench_pipeline.py --part depth
 
 Needs ../shared/data/wikitext2 (or --wikitext DIR) for part 1.
@@ -57,7 +57,8 @@ def quality(args: argparse.Namespace, work: Path) -> None:
     from stages.models import resolve_model
 
     model_dir = resolve_model("smollm2-135m")
-    for label, opt in (("50%", ["--sparsity", "0.5"]), ("2:4", ["--nm", "2:4"])):
+    settings = (("50%", ["--sparsity", "0.5"]), ("2:4", ["--nm", "2:4"]))
+    for label, opt in (s for s in settings if args.setting in ("both", s[0])):
         run_dir = work / f"run-{label.replace(':', '-').replace('%', '')}"
         cmd = [sys.executable, "-m", "flows.cli", "prune", "smollm2-135m", "--run-dir", str(run_dir), "--calib", calib,
                "--eval", evals, "--no-progress", *common, *windows, *opt]
@@ -111,6 +112,7 @@ def main() -> None:
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--eval-windows", type=int, default=40)
     p.add_argument("--depth-nsamples", type=int, default=8)
+    p.add_argument("--setting", choices=("50%", "2:4", "both"), default="both", help="part 1: which pruning settings")
     p.add_argument("--keep", action="store_true", help="keep the work folder (logs, run dirs)")
     args = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-pipeline-"))
