@@ -88,9 +88,10 @@ class PruneConfig:
     """Score only the first N items of each task (quick runs on a CPU)."""
     device: str = "cpu"
     """``cpu`` or ``cuda``: where blocks, Hessians and solves run."""
-    batch_size: int = 2
-    """Calibration samples per block forward pass. On a CPU, 2 windows of 512 run as fast as 8 and
-    hold a quarter of the intermediates (SmolLM2: +44 MiB instead of +162 MiB); raise it on a GPU."""
+    batch_size: int = 8
+    """Calibration samples per block forward pass, and per Hessian update, so it moves results in
+    the last bits (SmolLM2 2:4: 83.28 at 8, 83.77 at 2). On a CPU, 2 runs as fast as 8 and holds a
+    quarter of the forward's intermediates (SmolLM2, 512 tokens: +44 MiB instead of +162 MiB)."""
     keep_acts: int = 2
     """Activation boundaries kept on disk (older ones are deleted as the run proceeds)."""
     progress: bool = True

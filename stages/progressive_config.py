@@ -141,7 +141,7 @@ class ProgressiveConfig:
     """Score only the first N items of every task."""
     device: str = "cpu"
     """``cpu`` or ``cuda``."""
-    batch_size: int = 2
+    batch_size: int = 8
     """Calibration samples per block forward pass while pruning (see `PruneConfig.batch_size`)."""
     keep_acts: int = 2
     """Activation boundaries kept on disk while a round prunes."""
