@@ -5,9 +5,9 @@ final norm, lm_head) are copied from the original safetensors, and the tensors o
 block i come from its own file written by `stages.blocks.save_block` (block-relative
 names). Output shards hold whole blocks up to `max_shard_bytes`; a shard's header is
 written first, from the input files' headers, and its tensors are then streamed one
-block at a time, so one block is the most ever in memory whatever the shard size. Sharded output gets a
-`model.safetensors.index.json`; config, generation config and tokenizer files are
-copied. The folder is written under a temporary name and renamed into place.
+block at a time, so one block is the most ever in memory whatever the shard size.
+Sharded output gets a `model.safetensors.index.json`; config, generation config and
+tokenizer files are copied. The folder is written under a temporary name and renamed into place.
 """
 
 import json
@@ -15,7 +15,7 @@ import math
 import os
 import shutil
 import struct
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,13 +43,11 @@ def block_file_name(i: int) -> str:
     return f"block_{i:03d}.safetensors"
 
 
-def _original_dtypes(index: SafetensorsIndex) -> dict[str, torch.dtype]:
-    """Each tensor's dtype, read from the safetensors headers only."""
-    out: dict[str, torch.dtype] = {}
+def _original_layout(index: SafetensorsIndex) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+    """Each original tensor's (dtype, shape), read from the safetensors headers only."""
+    out: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
     for file in index.files():
-        with safe_open(str(index.root / file), framework="pt") as f:
-            for k in f.keys():
-                out[k] = _DTYPES.get(f.get_slice(k).get_dtype(), torch.float32)
+        out.update(_header(index.root / file))
     return out
 
 
@@ -66,11 +64,11 @@ class _Unit:
         return sum(math.prod(shape) * dt.itemsize for dt, shape in self.layout.values())
 
 
-def _header(path: Path, names: Iterable[str] | None = None) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
-    """(dtype, shape) of `names` (default: all) in one safetensors file, from its header."""
+def _header(path: Path) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+    """(dtype, shape) of every tensor in one safetensors file, from its header."""
     with safe_open(str(path), framework="pt") as f:
         out = {}
-        for n in f.keys() if names is None else names:
+        for n in f.keys():
             sl = f.get_slice(n)
             out[n] = (_DTYPES.get(sl.get_dtype(), torch.float32), tuple(sl.get_shape()))
     return out
@@ -96,20 +94,19 @@ def _block_unit(path: Path, i: int, sk: Skeleton, dtypes: dict[str, torch.dtype]
     return _Unit({prefix + n: (dtypes.get(prefix + n, dt), shape) for n, (dt, shape) in found.items()}, load)
 
 
-def _units(sk: Skeleton, paths: list[Path], index: SafetensorsIndex, dtypes: dict[str, torch.dtype]) -> list[_Unit]:
+def _units(
+    sk: Skeleton, paths: list[Path], index: SafetensorsIndex, original: dict[str, tuple[torch.dtype, tuple[int, ...]]]
+) -> list[_Unit]:
     """The checkpoint in units: non-block tensors first, then one block at a time.
 
     Original block tensors that the block does not have (old buffers transformers
     ignores on load, e.g. GPT-2's `attn.bias`) are dropped, as `load_block` drops them.
+    Block tensors are written in their original dtypes (`original`, from the headers).
     Every file's header is checked here, before anything is written.
     """
     rest = [k for k in index.weight_map if sk.block_of(k) is None]
-    layout: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
-    for file in index.files():
-        names = [k for k in rest if index.weight_map[k] == file]
-        if names:
-            layout.update(_header(index.root / file, names))
-    units = [_Unit({k: layout[k] for k in rest}, lambda: index.load(rest))]
+    dtypes = {k: dt for k, (dt, _) in original.items()}
+    units = [_Unit({k: original[k] for k in rest}, lambda: index.load(rest))]
     return units + [_block_unit(path, i, sk, dtypes) for i, path in enumerate(paths)]
 
 
@@ -136,14 +133,13 @@ def assemble(
     if absent:
         raise ValueError(f"block files missing: {absent[:3]}; prune those blocks first")
     index = SafetensorsIndex.open(model_dir)
-    dtypes = _original_dtypes(index)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     # `.{name}.tmp-{pid}`: the name `stages.rundir.sweep_tmp` removes if this process is killed.
     tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        shards = _write_shards(_units(sk, paths, index, dtypes), tmp, max_shard_bytes)
+        shards = _write_shards(_units(sk, paths, index, _original_layout(index)), tmp, max_shard_bytes)
         _write_index(tmp, shards)
         for src in sorted(model_dir.iterdir()):
             if src.is_file() and not src.name.endswith(WEIGHT_SUFFIXES) and src.name != INDEX_NAME:
