@@ -16,6 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import stages.task_scoring
 from stages.perplexity import causal_lm_forward
 from stages.task_formats import Item, preprocess, read_items
+from tests.numerics import assert_sums_close
 from stages.tasks import (
     TaskSpec,
     choice_length,
@@ -104,6 +105,11 @@ def reference_loglik(model, tok, ctx: str, cont: str, max_length: int = 10_000) 
     return total, greedy
 
 
+def cont_tokens(tok, reqs) -> list[int]:
+    """How many continuation tokens each request's log-likelihood sums."""
+    return [len(encode_pair(tok, c, x)[1]) for c, x in reqs]
+
+
 def argmax(xs: list[float]) -> int:
     return max(range(len(xs)), key=lambda i: (xs[i], -i))
 
@@ -122,7 +128,7 @@ def check_against_reference(model, tok, name: str, batch_size: int, atol: float,
     items = load_task(spec(name), limit=1)
     assert list(items[0].requests) == reqs and items[0].gold == gold
     (score,) = score_items(model, tok, items, batch_size=batch_size, max_length=10_000)
-    assert score.lls == pytest.approx([ll for ll, _ in ref], abs=atol)
+    assert_sums_close(score.lls, [ll for ll, _ in ref], cont_tokens(tok, reqs), atol=atol)
     assert list(score.greedy) == [g for _, g in ref]
     lls = [ll for ll, _ in ref]
     assert score.pred == argmax(lls)
@@ -153,16 +159,18 @@ def test_batched_equals_one_at_a_time_with_truncation(tiny) -> None:
     for batched in (loglikelihood(forward, tok, reqs, batch_size=8, max_length=200),
                     loglikelihood(model, tok, reqs, batch_size=8, max_length=200)):
         assert [g for _, g in batched] == [g for _, g in single]
-        assert [ll for ll, _ in batched] == pytest.approx([ll for ll, _ in single], abs=1e-5)
+        assert_sums_close([ll for ll, _ in batched], [ll for ll, _ in single], cont_tokens(tok, reqs))
     seen = []
     counting = lambda ids: seen.append(ids.shape[0]) or forward(ids)
     one_token = [(item.requests[0][0], c) for item in load_task(spec("boolq"), limit=3) for c in "ny"]
     shared = [ll for ll, _ in loglikelihood(counting, tok, one_token, 8, 200)]
-    assert shared == pytest.approx([reference_loglik(model, tok, c, x, 200)[0] for c, x in one_token], abs=1e-4)
+    expect = [reference_loglik(model, tok, c, x, 200)[0] for c, x in one_token]
+    assert_sums_close(shared, expect, cont_tokens(tok, one_token), atol=1e-4)
     assert seen == [3]  # one-token continuations of one context share an input row, as in lm-eval
     # left truncation to 200 tokens agrees with the reference (BoolQ, LAMBADA texts are longer)
-    for c, x in reqs[-6:] + reqs[:3]:
-        assert batched[reqs.index((c, x))][0] == pytest.approx(reference_loglik(model, tok, c, x, 200)[0], abs=1e-4)
+    ends = reqs[-6:] + reqs[:3]
+    expect = [reference_loglik(model, tok, c, x, 200)[0] for c, x in ends]
+    assert_sums_close([batched[reqs.index(r)][0] for r in ends], expect, cont_tokens(tok, ends), atol=1e-4)
 
 
 @needs_samples
@@ -247,7 +255,8 @@ def test_smollm2_scores_samples(smollm2_dir: Path) -> None:
     items = [item for s in specs for item in load_task(s, limit=2)]
     shared = score_items(model, tok, items, batch_size=8)
     single = score_items(causal_lm_forward(model), tok, items, batch_size=1)
-    assert [ll for s in shared for ll in s.lls] == pytest.approx([ll for s in single for ll in s.lls], abs=1e-4)
+    n = cont_tokens(tok, [r for item in items for r in item.requests])
+    assert_sums_close([ll for s in shared for ll in s.lls], [ll for s in single for ll in s.lls], n, atol=1e-4)
     assert [(s.greedy, s.pred, s.pred_norm) for s in shared] == [(s.greedy, s.pred, s.pred_norm) for s in single]
     for name in FILES:
         if name != "arc_challenge":
