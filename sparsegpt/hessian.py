@@ -43,19 +43,21 @@ def accumulate_hessian(
         )
     n_new = n + batch
     beta, alpha = n / n_new, 2.0 / n_new
+    # H is symmetric: compute the diagonal and upper blocks with GEMMs, mirror the rest. A GEMM's
+    # xᵀx is not bit-symmetric on every CPU kernel (AVX2 MKL tiles (i, j) and (j, i) differently),
+    # so each diagonal block keeps its upper triangle and mirrors it: H is exactly symmetric everywhere.
     parts = _symmetric_parts(cols)
-    if parts == 1:
-        H.addmm_(x.t(), x, beta=beta, alpha=alpha)  # H <- H·n/(n+b) + (2/(n+b)) xᵀx
-        return H, n_new
-    # H is symmetric: compute the diagonal and upper blocks with GEMMs, mirror the rest.
     edges = [cols * k // parts for k in range(parts + 1)]
     for a in range(parts):
         ra = slice(edges[a], edges[a + 1])
         for b in range(a, parts):
             rb = slice(edges[b], edges[b + 1])
-            H[ra, rb].addmm_(x[:, ra].t(), x[:, rb], beta=beta, alpha=alpha)
+            H[ra, rb].addmm_(x[:, ra].t(), x[:, rb], beta=beta, alpha=alpha)  # H <- H·n/(n+b) + (2/(n+b)) xᵀx
             if b > a:
                 H[rb, ra].copy_(H[ra, rb].t())
+        block = H[ra, ra]
+        upper = block.triu(1).t()
+        block.triu_().add_(upper)
     return H, n_new
 
 
