@@ -26,9 +26,10 @@ import torch.nn as nn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from benchmarks.bench_solver import paper_algorithm_1
-from stages.blocks import find_blocks, find_layers, get_weight, set_weight
-from stages.calibration import CalibrationConfig, sample_calibration
-from stages.perplexity import eval_windows
+from stages.config import CalibConfig
+from stages.data.calibration import sample_calibration
+from stages.evaluate.perplexity import eval_windows
+from stages.model.blocks import find_blocks, find_layers, get_weight, set_weight
 
 
 class SparseGPTLayer:
@@ -152,7 +153,9 @@ def main() -> None:
     t0 = time.perf_counter()
     tok = AutoTokenizer.from_pretrained(args.model_dir)
     model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32).eval()
-    ids = torch.from_numpy(sample_calibration(tok, CalibrationConfig(args.calib, args.nsamples, args.seqlen, args.seed)).astype(np.int64))
+    ids = torch.from_numpy(
+        sample_calibration(tok, CalibConfig(args.calib, args.nsamples, args.seqlen, args.seed)).astype(np.int64)
+    )
     windows = eval_windows(tok, args.eval, args.seqlen, args.eval_windows)
     t_load = time.perf_counter()
     dense = perplexity(model, windows)
@@ -162,12 +165,23 @@ def main() -> None:
     t_prune = time.perf_counter()
     pruned = perplexity(model, windows)
     t_end = time.perf_counter()
-    print(json.dumps({
-        "dense_ppl": dense, "ppl": pruned, "windows": int(windows.shape[0]),
-        "seconds": {"load": t_load - t0, "dense_eval": t_dense - t_load, "prune": t_prune - t_dense,
-                    "pruned_eval": t_end - t_prune, "total": t_end - t0},
-        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-    }))
+    print(
+        json.dumps(
+            {
+                "dense_ppl": dense,
+                "ppl": pruned,
+                "windows": int(windows.shape[0]),
+                "seconds": {
+                    "load": t_load - t0,
+                    "dense_eval": t_dense - t_load,
+                    "prune": t_prune - t_dense,
+                    "pruned_eval": t_end - t_prune,
+                    "total": t_end - t0,
+                },
+                "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -36,8 +36,9 @@ def timed_process(cmd: list[str], log: Path) -> tuple[float, float, str]:
     """Run ``cmd`` under GNU time; return (wall seconds, peak RSS MiB, stdout)."""
     stats = log.with_suffix(".time")
     t0 = time.perf_counter()
-    out = subprocess.run(["/usr/bin/time", "-f", "%e %M", "-o", str(stats), *cmd], cwd=ROOT,
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        ["/usr/bin/time", "-f", "%e %M", "-o", str(stats), *cmd], cwd=ROOT, capture_output=True, text=True
+    )
     wall = time.perf_counter() - t0
     log.write_text(out.stdout + "\n--- stderr ---\n" + out.stderr)
     if out.returncode != 0:
@@ -51,33 +52,68 @@ def quality(args: argparse.Namespace, work: Path) -> None:
     evals = f"wikitext2={args.wikitext / 'wiki.test.raw'}"
     common = ["--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen)]
     windows = ["--eval-windows", str(args.eval_windows)] if args.eval_windows else []
-    print(f"SmolLM2-135M, calib {args.nsamples}x{args.seqlen} WikiText-2 valid, eval WikiText-2 test "
-          f"{args.eval_windows or 'all'} windows x {args.seqlen}, CPU")
+    print(
+        f"SmolLM2-135M, calib {args.nsamples}x{args.seqlen} WikiText-2 valid, eval WikiText-2 test "
+        f"{args.eval_windows or 'all'} windows x {args.seqlen}, CPU"
+    )
     print(f"{'setting':<8} {'who':<10} {'dense':>7} {'pruned':>8} {'authors':>8} {'wall s':>8} {'peak MiB':>9}  stages")
-    from stages.models import resolve_model
+    from stages.model.models import resolve_model
 
     model_dir = resolve_model("smollm2-135m")
     settings = (("50%", ["--sparsity", "0.5"]), ("2:4", ["--nm", "2:4"]))
     for label, opt in (s for s in settings if args.setting in ("both", s[0])):
         run_dir = work / f"run-{label.replace(':', '-').replace('%', '')}"
-        cmd = [sys.executable, "-m", "flows.cli", "prune", "smollm2-135m", "--run-dir", str(run_dir), "--calib", calib,
-               "--eval", evals, "--no-progress", *common, *windows, *opt]
+        cmd = [
+            sys.executable,
+            "-m",
+            "flows.cli",
+            "prune",
+            "smollm2-135m",
+            "--run-dir",
+            str(run_dir),
+            "--calib",
+            calib,
+            "--eval",
+            evals,
+            "--no-progress",
+            *common,
+            *windows,
+            *opt,
+        ]
         wall, rss, _ = timed_process(cmd, work / f"ours-{label[:2]}.log")
         m = json.loads((run_dir / "eval" / "metrics.json").read_text())
         w = m["wikitext2"]
         stages = " ".join(f"{k} {v:.0f}" for k, v in m["timings"].items())
-        print(f"{label:<8} {'ours':<10} {w['dense_ppl']:7.2f} {w['ppl']:8.2f} {AUTHORS[label]:8.2f} {wall:8.1f} {rss:9.0f}  "
-              f"{stages} eval {w['seconds'] + w['dense_seconds']:.0f}")
+        print(
+            f"{label:<8} {'ours':<10} {w['dense_ppl']:7.2f} {w['ppl']:8.2f} {AUTHORS[label]:8.2f} "
+            f"{wall:8.1f} {rss:9.0f}  "
+            f"{stages} eval {w['seconds'] + w['dense_seconds']:.0f}"
+        )
         base_opt = ["--nm", "2:4"] if label == "2:4" else ["--sparsity", "0.5"]
-        cmd = [sys.executable, "-m", "benchmarks.baseline_authors", str(model_dir), "--calib", calib, "--eval", evals,
-               *common, *windows, *base_opt]
+        cmd = [
+            sys.executable,
+            "-m",
+            "benchmarks.baseline_authors",
+            str(model_dir),
+            "--calib",
+            calib,
+            "--eval",
+            evals,
+            *common,
+            *windows,
+            *base_opt,
+        ]
         bwall, brss, out = timed_process(cmd, work / f"base-{label[:2]}.log")
         b = json.loads(out.strip().splitlines()[-1])
         stages = " ".join(f"{k} {v:.0f}" for k, v in b["seconds"].items())
-        print(f"{label:<8} {'yardstick':<10} {b['dense_ppl']:7.2f} {b['ppl']:8.2f} {AUTHORS[label]:8.2f} {bwall:8.1f} "
-              f"{brss:9.0f}  {stages}")
-        print(f"{label:<8} ratio ours/yardstick: wall {wall / bwall:.2f}, peak memory {rss / brss:.2f}, "
-              f"pruned ppl vs authors {100 * (w['ppl'] / AUTHORS[label] - 1):+.2f}%")
+        print(
+            f"{label:<8} {'yardstick':<10} {b['dense_ppl']:7.2f} {b['ppl']:8.2f} {AUTHORS[label]:8.2f} {bwall:8.1f} "
+            f"{brss:9.0f}  {stages}"
+        )
+        print(
+            f"{label:<8} ratio ours/yardstick: wall {wall / bwall:.2f}, peak memory {rss / brss:.2f}, "
+            f"pruned ppl vs authors {100 * (w['ppl'] / AUTHORS[label] - 1):+.2f}%"
+        )
 
 
 def depth(args: argparse.Namespace, work: Path) -> None:
@@ -90,16 +126,40 @@ def depth(args: argparse.Namespace, work: Path) -> None:
     for n in (8, 32):
         model_dir = work / f"llama-{n}"
         torch.manual_seed(0)
-        cfg = LlamaConfig(hidden_size=1024, intermediate_size=2816, num_hidden_layers=n, num_attention_heads=16,
-                          num_key_value_heads=16, vocab_size=32000, max_position_embeddings=2048)
+        cfg = LlamaConfig(
+            hidden_size=1024,
+            intermediate_size=2816,
+            num_hidden_layers=n,
+            num_attention_heads=16,
+            num_key_value_heads=16,
+            vocab_size=32000,
+            max_position_embeddings=2048,
+        )
         AutoModelForCausalLM.from_config(cfg).save_pretrained(model_dir)
         tiny_tokenizer().save_pretrained(model_dir)
-        cmd = [sys.executable, "-m", "flows.cli", "prune", str(model_dir), "--run-dir", str(work / f"run-depth-{n}"),
-               "--calib", "pydoc", "--nsamples", str(args.depth_nsamples), "--seqlen", "256", "--no-progress"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "flows.cli",
+            "prune",
+            str(model_dir),
+            "--run-dir",
+            str(work / f"run-depth-{n}"),
+            "--calib",
+            "pydoc",
+            "--nsamples",
+            str(args.depth_nsamples),
+            "--seqlen",
+            "256",
+            "--no-progress",
+        ]
         wall, rss, _ = timed_process(cmd, work / f"depth-{n}.log")
         peaks[n] = rss
-        print(f"random Llama, hidden 1024, {n:2d} blocks ({sum(p.stat().st_size for p in model_dir.glob('*.safetensors')) / 2**20:.0f} MiB "
-              f"of weights): wall {wall:.1f} s, peak RSS {rss:.0f} MiB")
+        size_mib = sum(p.stat().st_size for p in model_dir.glob("*.safetensors")) / 2**20
+        print(
+            f"random Llama, hidden 1024, {n:2d} blocks ({size_mib:.0f} MiB "
+            f"of weights): wall {wall:.1f} s, peak RSS {rss:.0f} MiB"
+        )
         shutil.rmtree(model_dir)
     print(f"peak RSS 32 vs 8 blocks: {100 * (peaks[32] / peaks[8] - 1):+.1f}%")
 

@@ -48,7 +48,7 @@ def main() -> None:
     p.add_argument("--finetune-seqlen", type=int, default=512)
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--warmup-steps", type=int, default=2)
-    p.add_argument("--distill", default="kl")
+    p.add_argument("--squarehead-weight", type=float, default=0.0, help="SquareHead block-MSE weight (logits KL is 1)")
     p.add_argument("--nsamples", type=int, default=32)
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--eval-windows", type=int, default=40)
@@ -59,24 +59,65 @@ def main() -> None:
     args = p.parse_args()
 
     cli = [sys.executable, "-m", "flows.cli"]
-    calib = ["--calib", f"wikitext2={args.wikitext / 'wiki.valid.raw'}", "--nsamples", str(args.nsamples),
-             "--seqlen", str(args.seqlen)]  # fmt: skip
-    evals = ["--eval", f"wikitext2={args.wikitext / 'wiki.test.raw'}", "--eval-windows", str(args.eval_windows),
-             "--device", args.device, "--no-progress"]  # fmt: skip
+    calib = [
+        "--calib",
+        f"wikitext2={args.wikitext / 'wiki.valid.raw'}",
+        "--nsamples",
+        str(args.nsamples),
+        "--seqlen",
+        str(args.seqlen),
+    ]
+    evals = [
+        "--eval",
+        f"wikitext2={args.wikitext / 'wiki.test.raw'}",
+        "--eval-windows",
+        str(args.eval_windows),
+        "--device",
+        args.device,
+        "--no-progress",
+    ]
     logs = ROOT / f"{args.prefix}-logs"
     logs.mkdir(parents=True, exist_ok=True)
-    print(f"SmolLM2-135M on {args.device}; calibration {args.nsamples}x{args.seqlen} WikiText-2 valid per round; "
-          f"eval WikiText-2 test, first {args.eval_windows} windows x {args.seqlen}")
-    print(f"fine-tuning budget: {args.tokens_per_round} tokens per round of C4 ({args.c4.name}), micro-batch "
-          f"{args.micro_batch_size} x {args.finetune_seqlen}, AdamW lr {args.lr}, cosine, warmup {args.warmup_steps}, "
-          f"loss lm + {args.distill}", flush=True)
+    print(
+        f"SmolLM2-135M on {args.device}; calibration {args.nsamples}x{args.seqlen} WikiText-2 valid per round; "
+        f"eval WikiText-2 test, first {args.eval_windows} windows x {args.seqlen}"
+    )
+    print(
+        f"fine-tuning budget: {args.tokens_per_round} tokens per round of C4 ({args.c4.name}), micro-batch "
+        f"{args.micro_batch_size} x {args.finetune_seqlen}, AdamW lr {args.lr}, cosine, warmup {args.warmup_steps}, "
+        f"loss lm + kl" + (f" + {args.squarehead_weight} squarehead" if args.squarehead_weight else ""),
+        flush=True,
+    )
 
     prog_dir = ROOT / f"{args.prefix}-progressive"
-    wall = run([*cli, "progressive", "smollm2-135m", "--run-dir", str(prog_dir), "--schedule", args.schedule, *calib,
-                "--finetune-data", f"c4={args.c4}", "--tokens-per-round", str(args.tokens_per_round),
-                "--micro-batch-size", str(args.micro_batch_size), "--finetune-seqlen", str(args.finetune_seqlen),
-                "--lr", str(args.lr), "--warmup-steps", str(args.warmup_steps), "--distill", args.distill, *evals],
-               logs / "progressive.log")  # fmt: skip
+    wall = run(
+        [
+            *cli,
+            "progressive",
+            "smollm2-135m",
+            "--run-dir",
+            str(prog_dir),
+            "--schedule",
+            args.schedule,
+            *calib,
+            "--finetune-data",
+            f"c4={args.c4}",
+            "--tokens-per-round",
+            str(args.tokens_per_round),
+            "--micro-batch-size",
+            str(args.micro_batch_size),
+            "--finetune-seqlen",
+            str(args.finetune_seqlen),
+            "--lr",
+            str(args.lr),
+            "--warmup-steps",
+            str(args.warmup_steps),
+            "--squarehead-weight",
+            str(args.squarehead_weight),
+            *evals,
+        ],
+        logs / "progressive.log",
+    )
     summary = json.loads((prog_dir / "summary.json").read_text())
     print(f"progressive run: {wall:.0f} s in this call (a resumed run counts only what it redid)", flush=True)
 
@@ -84,26 +125,35 @@ def main() -> None:
     for row in summary["rounds"]:
         s = row["pattern"]
         run_dir = ROOT / f"{args.prefix}-oneshot-{s}"
-        oneshot_wall += run([*cli, "prune", "smollm2-135m", "--run-dir", str(run_dir), "--sparsity", s, *calib, *evals],
-                            logs / f"oneshot-{s}.log")  # fmt: skip
+        oneshot_wall += run(
+            [*cli, "prune", "smollm2-135m", "--run-dir", str(run_dir), "--sparsity", s, *calib, *evals],
+            logs / f"oneshot-{s}.log",
+        )
         metrics = json.loads((run_dir / "eval" / "metrics.json").read_text())
         oneshot[s] = metrics["wikitext2"]["ppl"]
         dense = metrics["wikitext2"]["dense_ppl"]
 
     label = "wikitext2"
     print(f"\ndense ppl {summary['dense'][label]['ppl']:.2f} (one-shot runs' dense: {dense:.2f})")
-    print(f"{'round':>5} {'target':>7} {'achieved':>9} {'one-shot':>9} {'prog. before FT':>16} {'prog. after FT':>15} "
-          f"{'after/one-shot':>15} {'tokens':>7} {'round s':>8}")
+    print(
+        f"{'round':>5} {'target':>7} {'achieved':>9} {'one-shot':>9} {'prog. before FT':>16} {'prog. after FT':>15} "
+        f"{'after/one-shot':>15} {'tokens':>7} {'round s':>8}"
+    )
     for row in summary["rounds"]:
         s = row["pattern"]
         after, before = row["ppl_after"][label], row["ppl_before"][label]
-        print(f"{row['round']:>5} {s:>7} {row['sparsity']:>9.4f} {oneshot[s]:>9.2f} {before:>16.2f} {after:>15.2f} "
-              f"{after / oneshot[s]:>15.3f} {row['tokens']:>7} {row['seconds']:>8.0f}")
+        print(
+            f"{row['round']:>5} {s:>7} {row['sparsity']:>9.4f} {oneshot[s]:>9.2f} {before:>16.2f} {after:>15.2f} "
+            f"{after / oneshot[s]:>15.3f} {row['tokens']:>7} {row['seconds']:>8.0f}"
+        )
     rows = summary["rounds"]
     total = sum(r["seconds"] for r in rows)
     stage = {k: sum(r["stage_seconds"][k] for r in rows) for k in ("prune", "finetune", "evaluate")}
-    print(f"\nprogressive total {total:.0f} s over {len(rows)} rounds (prune {stage['prune']:.0f} s, fine-tune "
-          f"{stage['finetune']:.0f} s, evaluate {stage['evaluate']:.0f} s) + dense eval; one-shot runs {oneshot_wall:.0f} s")
+    print(
+        f"\nprogressive total {total:.0f} s over {len(rows)} rounds (prune {stage['prune']:.0f} s, fine-tune "
+        f"{stage['finetune']:.0f} s, evaluate {stage['evaluate']:.0f} s) + dense eval; "
+        f"one-shot runs {oneshot_wall:.0f} s"
+    )
     last = rows[-1]
     ratio = last["ppl_after"][label] / oneshot[last["pattern"]]
     below = all(r["ppl_after"][label] < oneshot[r["pattern"]] for r in rows)

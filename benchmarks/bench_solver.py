@@ -25,8 +25,13 @@ SMOLLM2 = [(576, 576), (192, 576), (1536, 576), (576, 1536)]
 
 
 def paper_algorithm_1(
-    W: torch.Tensor, H: torch.Tensor, sparsity: float, blocksize: int = 128, percdamp: float = 0.01,
-    prunen: int = 0, prunem: int = 0,
+    W: torch.Tensor,
+    H: torch.Tensor,
+    sparsity: float,
+    blocksize: int = 128,
+    percdamp: float = 0.01,
+    prunen: int = 0,
+    prunem: int = 0,
 ):
     """The yardstick: the paper's Algorithm 1 as the authors wrote it (fasterprune, with their N:M)."""
     W = W.clone().float()
@@ -143,15 +148,20 @@ def main() -> None:
     p.add_argument("--small", action="store_true", help="only the embedded model's shapes")
     p.add_argument("--blocksize", type=int, default=128)
     p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--hessian-samples", type=int, default=None, help="calibration samples of 2048 tokens (default 128 on GPU, 8 on CPU)")
+    p.add_argument(
+        "--hessian-samples",
+        type=int,
+        default=None,
+        help="calibration samples of 2048 tokens (default 128 on GPU, 8 on CPU)",
+    )
     p.add_argument("--matmul-size", type=int, default=None)
     args = p.parse_args()
     device = torch.device(args.device)
     args.hessian_samples = args.hessian_samples or (128 if device.type == "cuda" else 8)
     args.matmul_size = args.matmul_size or (8192 if device.type == "cuda" else 2048)
     torch.manual_seed(0)
-    print(f"device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else f'{torch.get_num_threads()} threads'}), "
-          f"torch {torch.__version__}, weights {args.dtype}, Hessian fp32")
+    where = torch.cuda.get_device_name() if device.type == "cuda" else f"{torch.get_num_threads()} threads"
+    print(f"device {device} ({where}), torch {torch.__version__}, weights {args.dtype}, Hessian fp32")
     matmul = bench_matmul(args, device)
     shapes = SMOLLM2 if args.small else SMOLLM2 + LLAMA_7B
     for cols in sorted({c for _, c in shapes}):

@@ -2,16 +2,16 @@
 
 Scores the task sample files (../shared/data/task-samples: LAMBADA, PIQA, ARC-Easy,
 HellaSwag, WinoGrande, BoolQ, StoryCloze; 20 items each) with the real embedded model
-(SmolLM2-135M, `stages.models.resolve_model`) in up to three ways:
+(SmolLM2-135M, `stages.model.models.resolve_model`) in up to three ways:
 
 - naive: one request at a time, every request its own forward over its whole context +
   continuation with full logits (the plain reference, written out here);
-- rows (`--rows`): `stages.tasks.score_items` on a `Forward` (`causal_lm_forward`), i.e.
+- rows (`--rows`): `stages.evaluate.tasks.zeroshot.score_items` on a `Forward` (`causal_lm_forward`), i.e.
   full rows in length-aware batches of B with full logits, as before prefix sharing;
-- shared: `stages.tasks.score_items` on the model: each item's rows as one token trie
+- shared: `stages.evaluate.tasks.zeroshot.score_items` on the model: each item's rows as one token trie
   (every distinct token once, a 4D mask keeping each row to its own tokens), several
   items' tries packed into each of at most B batch rows, logits only at continuation
-  positions (`stages.task_scoring`).
+  positions (`stages.evaluate.tasks.scoring`).
 
 Prints items/s, requests/s, forward passes, input tokens and output-head rows of each,
 the speed-ups against naive, and the largest log-likelihood difference and prediction
@@ -36,9 +36,9 @@ sys.path.insert(0, str(ROOT))  # this checkout's stages, not an editable install
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from stages.models import DEFAULT_MODEL, max_positions, resolve_model
-from stages.perplexity import causal_lm_forward
-from stages.tasks import ItemScore, choice_length, encode_pair, load_task, score_items
+from stages.evaluate.perplexity import causal_lm_forward
+from stages.evaluate.tasks.zeroshot import ItemScore, choice_length, encode_pair, load_task, score_items
+from stages.model.models import DEFAULT_MODEL, max_positions, resolve_model
 
 SAMPLES = Path(os.environ.get("SPARSEGPT_DATA_DIR", ROOT.parent / "shared" / "data")) / "task-samples"
 FILES = {
@@ -67,7 +67,7 @@ def naive(model, tok, items, max_length: int) -> list[ItemScore]:
             target = torch.tensor(cont, device=device)
             lls.append(float(logprobs.gather(1, target[:, None]).sum()))
             greedy.append(bool((logprobs.argmax(dim=-1) == target).all()))
-        normed = [ll / max(choice_length(c), 1) for ll, c in zip(lls, item.choices)]
+        normed = [ll / max(choice_length(c), 1) for ll, c in zip(lls, item.choices, strict=True)]
         scores.append(ItemScore(tuple(lls), tuple(greedy), lls.index(max(lls)), normed.index(max(normed))))
     return scores
 
@@ -83,8 +83,10 @@ def counting(model) -> tuple[dict, list]:
     def on_head(module, args):
         stats["logits"] += args[0].numel() // args[0].shape[-1]
 
-    return stats, [model.register_forward_pre_hook(on_forward, with_kwargs=True),
-                   model.get_output_embeddings().register_forward_pre_hook(on_head)]
+    return stats, [
+        model.register_forward_pre_hook(on_forward, with_kwargs=True),
+        model.get_output_embeddings().register_forward_pre_hook(on_head),
+    ]
 
 
 def timed(run, model) -> tuple[float, float, list[ItemScore], dict]:
@@ -105,7 +107,9 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=None, help="items per task (all 20 by default)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: the machine may be shared)")
-    parser.add_argument("--rows", action="store_true", help="also time full rows in batches (the path before prefix sharing)")
+    parser.add_argument(
+        "--rows", action="store_true", help="also time full rows in batches (the path before prefix sharing)"
+    )
     args = parser.parse_args()
     if not SAMPLES.is_dir():
         raise SystemExit(f"task samples not found at {SAMPLES}; set SPARSEGPT_DATA_DIR")
@@ -118,10 +122,12 @@ def main() -> None:
     tasks = {name: load_task(f"{name}={SAMPLES / f}", args.limit) for name, f in FILES.items()}
     items = [it for its in tasks.values() for it in its]
     nreq = sum(len(it.requests) for it in items)
-    print(f"model {args.model} on {args.device}, torch threads {torch.get_num_threads()}, nice {os.nice(0)}, "
-          f"load average {os.getloadavg()[0]:.2f} at start (shared machine: figures are indicative); "
-          f"{len(items)} items, {nreq} requests from {len(FILES)} tasks, scored task by task as evaluate_tasks does; "
-          f"batch size {args.batch_size}")
+    print(
+        f"model {args.model} on {args.device}, torch threads {torch.get_num_threads()}, nice {os.nice(0)}, "
+        f"load average {os.getloadavg()[0]:.2f} at start (shared machine: figures are indicative); "
+        f"{len(items)} items, {nreq} requests from {len(FILES)} tasks, scored task by task as evaluate_tasks does; "
+        f"batch size {args.batch_size}"
+    )
     runs = {"naive": lambda its: naive(model, tok, its, max_length)}
     if args.rows:
         runs["rows"] = lambda its: score_items(causal_lm_forward(model), tok, its, args.batch_size, max_length)
@@ -133,7 +139,10 @@ def main() -> None:
         for name, run in runs.items():
             per_task[name][task] = timed(lambda run=run, its=its: run(its), model)
         line = "  ".join(f"{name} {per_task[name][task][0]:6.2f} s" for name in runs)
-        print(f"{task:>10}: {len(its):3d} items  {line}  speed-up {per_task['naive'][task][0] / per_task['shared'][task][0]:5.2f}x")
+        print(
+            f"{task:>10}: {len(its):3d} items  {line}  "
+            f"speed-up {per_task['naive'][task][0] / per_task['shared'][task][0]:5.2f}x"
+        )
     results = {}
     for name in runs:
         parts = per_task[name].values()
@@ -141,19 +150,24 @@ def main() -> None:
         scores = [s for p in parts for s in p[2]]
         stats = {k: sum(p[3][k] for p in parts) for k in ("forwards", "tokens", "logits")}
         results[name] = (seconds, cpu, scores)
-        print(f"{name:>10}: {seconds:7.2f} s wall ({cpu:7.2f} s CPU)  {len(items) / seconds:5.2f} items/s  "
-              f"{nreq / seconds:5.2f} requests/s  {stats['forwards']:4d} forwards  {stats['tokens']:6d} input tokens  "
-              f"{stats['logits']:6d} logit rows")
+        print(
+            f"{name:>10}: {seconds:7.2f} s wall ({cpu:7.2f} s CPU)  {len(items) / seconds:5.2f} items/s  "
+            f"{nreq / seconds:5.2f} requests/s  {stats['forwards']:4d} forwards  {stats['tokens']:6d} input tokens  "
+            f"{stats['logits']:6d} logit rows"
+        )
     t0, c0, ref = results["naive"]
     for name, (seconds, cpu, scores) in results.items():
         if name == "naive":
             continue
-        diff = max(abs(a - b) for x, y in zip(ref, scores) for a, b in zip(x.lls, y.lls))
-        greedy = sum(a == b for x, y in zip(ref, scores) for a, b in zip(x.greedy, y.greedy))
-        same = sum(x.pred == y.pred and x.pred_norm == y.pred_norm for x, y in zip(ref, scores))
-        print(f"{name:>10} vs naive: {t0 / seconds:.2f}x faster ({c0 / cpu:.2f}x in CPU time); max |loglik difference| "
-              f"{diff:.2e}, same greedy flags on {greedy}/{nreq} requests, same predictions (acc, acc_norm) on "
-              f"{same}/{len(items)} items")
+        diff = max(abs(a - b) for x, y in zip(ref, scores, strict=True) for a, b in zip(x.lls, y.lls, strict=True))
+        greedy = sum(a == b for x, y in zip(ref, scores, strict=True) for a, b in zip(x.greedy, y.greedy, strict=True))
+        same = sum(x.pred == y.pred and x.pred_norm == y.pred_norm for x, y in zip(ref, scores, strict=True))
+        print(
+            f"{name:>10} vs naive: {t0 / seconds:.2f}x faster ({c0 / cpu:.2f}x in CPU time); max |loglik difference| "
+            f"{diff:.2e}, same greedy flags on {greedy}/{nreq} requests, same predictions (acc, acc_norm) on "
+            f"{same}/{len(items)} items"
+        )
+
 
 if __name__ == "__main__":
     main()

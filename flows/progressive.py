@@ -2,10 +2,10 @@
 
 Each round's pruning runs the one-shot flow as a subflow (its block tasks, caching
 and progress artifact included) on `RUN_DIR/rounds/round_KK/prune`; mask, fine-tune
-and evaluation are tasks wrapping `stages.progressive`. The run directory is the source
+and evaluation are tasks wrapping `stages.progressive.rounds`. The run directory is the source
 of truth: a new flow run on the same run directory starts at the first unfinished
 round (inside it: at the first unpruned block, or the last fine-tuning checkpoint),
-finishes at most `cfg.rounds_per_run` rounds, and logs that there is nothing to do
+finishes at most `cfg.runtime.rounds_per_run` rounds, and logs that there is nothing to do
 once the schedule is complete. The `sparsegpt-progressive` deployment in prefect.yaml
 runs it on a cron schedule with a concurrency limit of 1.
 
@@ -18,12 +18,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
 
-from flows.oneshot import artifact_key, oneshot
-from stages import progressive as pg
+from flows.artifacts import RoundsProgress, publish_progressive, report_markdown
+from flows.oneshot import oneshot
 from stages.config import PruneConfig
-from stages.rundir import RunLock, sweep_tmp
+from stages.progressive import rounds as pg
+from stages.run.rundir import RunLock, sweep_tmp
 
 
 @task(name="dense-perplexity")
@@ -51,31 +51,13 @@ def final_tasks(cfg: pg.ProgressiveConfig) -> dict:
 @task(name="report")
 def report(cfg: pg.ProgressiveConfig) -> str:
     """RUN_DIR/eval/report.{md,html} with the round-by-round curve; returns the Markdown."""
-    from flows.oneshot import report_markdown
-
     return report_markdown(cfg.run_dir)
 
 
-class _Progress:
-    """The flow's progress artifact: each round counts as 3 steps (prune, fine-tune, evaluate)."""
-
-    def __init__(self, cfg: pg.ProgressiveConfig, rounds: list[int]) -> None:
-        self.cfg, self.rounds = cfg, rounds
-        self.id = create_progress_artifact(
-            progress=0.0, key=artifact_key(cfg.run_dir) + "-rounds", description=f"progressive rounds {rounds} of {cfg.run_dir}"
-        )
-
-    def update(self, k: int, stage: int, fraction: float, what: str) -> None:
-        done = self.rounds.index(k) * 3 + stage + fraction
-        update_progress_artifact(self.id, progress=100.0 * done / (3 * len(self.rounds)),
-                                 description=f"round {k}/{self.cfg.rounds} ({self.cfg.schedule[k - 1]}): {what}")
-
-
-def _steps(cfg: pg.ProgressiveConfig, progress: _Progress) -> pg.RoundSteps:
+def _steps(cfg: pg.ProgressiveConfig, progress: RoundsProgress) -> pg.RoundSteps:
     logger = get_run_logger()
 
-    def prune(pcfg: PruneConfig) -> dict:
-        k = int(Path(pcfg.run_dir).parent.name.split("_")[-1])
+    def prune(pcfg: PruneConfig, k: int) -> dict:
         progress.update(k, 0, 0.0, "pruning")
         return oneshot.with_options(flow_run_name=f"round-{k:02d}-prune")(pcfg)
 
@@ -100,7 +82,7 @@ def _steps(cfg: pg.ProgressiveConfig, progress: _Progress) -> pg.RoundSteps:
 
 @flow(name="sparsegpt-progressive", log_prints=True)
 def progressive(cfg: pg.ProgressiveConfig) -> dict:
-    """Advance the progressive schedule of ``cfg.run_dir`` by at most ``cfg.rounds_per_run`` rounds."""
+    """Advance the progressive schedule of ``cfg.run_dir`` by at most ``cfg.runtime.rounds_per_run`` rounds."""
     logger = get_run_logger()
     with RunLock(cfg.run_dir):
         sweep_tmp(cfg.run_dir)
@@ -109,16 +91,20 @@ def progressive(cfg: pg.ProgressiveConfig) -> dict:
         if todo:
             logger.info("rounds to run now: %s of %d (schedule %s)", todo, cfg.rounds, ",".join(cfg.schedule))
             dense_perplexity(cfg)
-            steps = _steps(cfg, _Progress(cfg, todo))
+            steps = _steps(cfg, RoundsProgress(cfg, todo))
             for k in todo:
                 rec = pg.run_round(cfg, k, dense, steps)
-                logger.info("round %d done: sparsity %.4f, ppl %s -> %s", k, rec["sparsity"], rec["ppl_before"], rec["ppl_after"])
+                logger.info(
+                    "round %d done: sparsity %.4f, ppl %s -> %s",
+                    k,
+                    rec["sparsity"],
+                    rec["ppl_before"],
+                    rec["ppl_after"],
+                )
         final_tasks(cfg)
         s = pg.write_summary(cfg)
         report_md = report(cfg) if s["rounds"] else None
     message = pg.progress_message(cfg, todo)
     logger.info(message)
-    create_markdown_artifact(markdown=pg.summary_markdown(s), key="sparsegpt-progressive", description=message)
-    if report_md is not None:
-        create_markdown_artifact(markdown=report_md, key="sparsegpt-report", description=f"{cfg.run_dir}/eval/report.md")
+    publish_progressive(pg.summary_markdown(s), message, report_md, cfg.run_dir)
     return {"done_now": todo, "remaining": cfg.rounds - len(s["rounds"]), "message": message, "summary": s}

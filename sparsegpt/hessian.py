@@ -19,9 +19,7 @@ class HessianError(ValueError):
     """The Hessian is not positive definite even after dampening."""
 
 
-def accumulate_hessian(
-    H: torch.Tensor | None, x: torch.Tensor, n: int
-) -> tuple[torch.Tensor, int]:
+def accumulate_hessian(H: torch.Tensor | None, x: torch.Tensor, n: int) -> tuple[torch.Tensor, int]:
     """Fold a batch of inputs into the running Hessian ``H = (2/n) Σ x xᵀ``.
 
     ``x`` is ``(batch, seq, cols)`` or ``(seq, cols)`` (one sample), in any dtype; ``n``
@@ -102,8 +100,7 @@ def hessian_inverse(
                 return Hinv, dead, percdamp
         if attempt < damp_retries:
             new = percdamp * 10 if percdamp > 0 else 0.01
-            log.warning("Hessian%s is not positive definite with percdamp=%g; retrying with %g",
-                        where, percdamp, new)
+            log.warning("Hessian%s is not positive definite with percdamp=%g; retrying with %g", where, percdamp, new)
             percdamp = new
     raise HessianError(
         f"the Hessian{where} is not positive definite after dampening with percdamp={percdamp:g}; "

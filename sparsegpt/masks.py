@@ -21,9 +21,7 @@ def check_nm(prune_n: int, prune_m: int, cols: int, blocksize: int | None = None
     if prune_n == 0 and prune_m == 0:
         return
     if not (isinstance(prune_n, int) and isinstance(prune_m, int) and 0 < prune_n < prune_m):
-        raise ValueError(
-            f"N:M sparsity needs integers 0 < N < M (e.g. 2:4 or 4:8), got {prune_n}:{prune_m}"
-        )
+        raise ValueError(f"N:M sparsity needs integers 0 < N < M (e.g. 2:4 or 4:8), got {prune_n}:{prune_m}")
     if cols % prune_m:
         raise ValueError(
             f"N:M sparsity {prune_n}:{prune_m} needs the input width ({cols}) to be a multiple of "

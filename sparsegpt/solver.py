@@ -129,9 +129,7 @@ def _block_quotas(prior: torch.Tensor | None, rows: int, cols: int, blocksize: i
     return quotas
 
 
-def _select_unstructured(
-    W1: torch.Tensor, Hinv1: torch.Tensor, prior1: torch.Tensor | None, k: int
-) -> torch.Tensor:
+def _select_unstructured(W1: torch.Tensor, Hinv1: torch.Tensor, prior1: torch.Tensor | None, k: int) -> torch.Tensor:
     """The block's mask: its prior mask plus the ``k`` lowest ``w² / [Hinv]_jj²`` elsewhere."""
     scores = W1.square() / torch.diag(Hinv1).square().unsqueeze(0)  # (rows, count)
     if prior1 is None:

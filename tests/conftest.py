@@ -35,14 +35,24 @@ def tiny_config(kind: str, tied: bool | None = None) -> PretrainedConfig:
         common["tie_word_embeddings"] = tied
     if kind == "llama":
         return LlamaConfig(
-            hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=64, **common,
-        )  # fmt: skip
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+            **common,
+        )
     if kind == "opt":
         return OPTConfig(
-            hidden_size=32, ffn_dim=64, num_hidden_layers=3, num_attention_heads=4,
-            max_position_embeddings=64, word_embed_proj_dim=16, **common,
-        )  # fmt: skip
+            hidden_size=32,
+            ffn_dim=64,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            max_position_embeddings=64,
+            word_embed_proj_dim=16,
+            **common,
+        )
     if kind == "gpt2":
         return GPT2Config(n_embd=32, n_layer=3, n_head=4, n_positions=64, **common)
     raise ValueError(f"unknown tiny model kind {kind!r}")
@@ -94,7 +104,7 @@ def tiny_model_dir(request: pytest.FixtureRequest, tiny_model_factory: Callable[
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
     """The embedded SmolLM2-135M as safetensors (converted on first use into the default cache; slow)."""
-    from stages.models import DEFAULT_MODEL, resolve_model
+    from stages.model.models import DEFAULT_MODEL, resolve_model
 
     return resolve_model(DEFAULT_MODEL)
 

@@ -24,7 +24,7 @@ def assert_sums_close(
     AssertionError naming the mismatches."""
     assert len(got) == len(want) == len(n_terms), f"lengths differ: {len(got)}, {len(want)}, {len(n_terms)}"
     bad = []
-    for j, (g, w, n) in enumerate(zip(got, want, n_terms)):
+    for j, (g, w, n) in enumerate(zip(got, want, n_terms, strict=True)):
         tol = atol + per_term * max(n, 1) + rel * abs(w)
         if not abs(g - w) <= tol:
             bad.append(f"[{j}] {g!r} vs {w!r} (diff {abs(g - w):.3g} > tol {tol:.3g}, {n} terms)")

@@ -5,7 +5,9 @@ from pathlib import Path
 
 import pytest
 
-TASK_SAMPLES = Path(os.environ.get("SPARSEGPT_DATA_DIR", Path(__file__).parents[1].parent / "shared" / "data")) / "task-samples"
+TASK_SAMPLES = (
+    Path(os.environ.get("SPARSEGPT_DATA_DIR", Path(__file__).parents[1].parent / "shared" / "data")) / "task-samples"
+)
 TASK_FILES = {"boolq": "boolq_dev.jsonl", "arc_easy": "ARC-Easy-Dev.jsonl", "lambada": "lambada_test.jsonl"}
 needs_task_samples = pytest.mark.skipif(not TASK_SAMPLES.is_dir(), reason=f"task samples not found at {TASK_SAMPLES}")
 

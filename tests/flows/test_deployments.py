@@ -5,7 +5,7 @@ with pydantic, so a `PruneConfig` must survive the trip, and bad settings must f
 with the config's own message before any work starts.
 """
 
-from dataclasses import asdict
+import json
 from pathlib import Path
 
 import pytest
@@ -14,7 +14,7 @@ from prefect.exceptions import ParameterTypeError
 from prefect.flows import load_flow_from_entrypoint
 from prefect.utilities.callables import parameter_schema
 
-from stages.config import PruneConfig
+from stages.config import EvaluateConfig, PruneConfig
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -37,21 +37,34 @@ def test_oneshot_deployment_parameters_become_a_prune_config(deployments):
     assert flow.name == "sparsegpt-oneshot"
     cfg = flow.validate_parameters(dep["parameters"])["cfg"]
     assert isinstance(cfg, PruneConfig)
-    assert (cfg.model, cfg.calib, cfg.nsamples, cfg.seqlen, cfg.sparsity) == ("smollm2-135m", "pydoc", 32, 512, 0.5)
-    assert (cfg.run_dir, cfg.eval, cfg.eval_windows) == ("runs/deployed-oneshot", ("pydoc",), 8)
+    assert (cfg.model, cfg.calib.spec, cfg.calib.nsamples, cfg.calib.seqlen, cfg.solver.sparsity) == (
+        "smollm2-135m",
+        "pydoc",
+        32,
+        512,
+        0.5,
+    )
+    assert (cfg.run_dir, cfg.eval.specs, cfg.eval.windows, cfg.runtime.progress) == (
+        "runs/deployed-oneshot",
+        ("pydoc",),
+        8,
+        False,
+    )
     schema = parameter_schema(flow).model_dump()
-    assert schema["required"] == ["cfg"] and "sparsity" in schema["definitions"]["PruneConfig"]["properties"]
+    assert schema["required"] == ["cfg"] and "sparsity" in schema["definitions"]["SolverConfig"]["properties"]
+    assert set(schema["definitions"]["PruneConfig"]["properties"]) >= {"calib", "solver", "eval", "runtime"}
 
 
 def test_evaluate_deployment_parameters_validate(deployments):
     dep = deployments["sparsegpt-evaluate"]
     flow = load(dep["entrypoint"])
     assert flow.name == "sparsegpt-evaluate"
-    params = flow.validate_parameters(dep["parameters"])
-    assert params["specs"] == ["pydoc"] and params["windows"] == 8
-    with_tasks = flow.validate_parameters({**dep["parameters"], "tasks": ["boolq=dev.jsonl"], "task_limit": "50"})
-    assert (with_tasks["tasks"], with_tasks["task_limit"]) == (["boolq=dev.jsonl"], 50)
-    assert flow.validate_parameters({"model": "m", "tasks": ["piqa"]})["specs"] is None  # tasks alone are enough
+    cfg = flow.validate_parameters(dep["parameters"])["cfg"]
+    assert isinstance(cfg, EvaluateConfig) and cfg.eval.specs == ("pydoc",) and cfg.eval.windows == 8
+    with_tasks = flow.validate_parameters({"cfg": {"model": "m", "eval": {"tasks": ["piqa"], "task_limit": "50"}}})[
+        "cfg"
+    ]
+    assert (with_tasks.eval.specs, with_tasks.eval.tasks, with_tasks.eval.task_limit) == ((), ("piqa",), 50)
 
 
 def test_prune_config_round_trips_through_json_parameters(tmp_path):
@@ -59,19 +72,28 @@ def test_prune_config_round_trips_through_json_parameters(tmp_path):
 
     (tmp_path / "x.txt").write_text("some text")
     (tmp_path / "boolq.jsonl").write_text("{}")
-    cfg = PruneConfig(model="m", run_dir="r", nm="2:4", eval=("pydoc", f"text={tmp_path / 'x.txt'}"), eval_windows=3, owl=True,
-                      tasks=(f"boolq={tmp_path / 'boolq.jsonl'}", "piqa"), task_limit=10)
-    as_json = {"cfg": {**asdict(cfg), "eval": list(cfg.eval), "tasks": list(cfg.tasks)}}  # what a deployment or flow run stores
+    cfg = PruneConfig.of(
+        model="m",
+        run_dir="r",
+        nm="2:4",
+        eval=("pydoc", f"text={tmp_path / 'x.txt'}"),
+        eval_windows=3,
+        owl=True,
+        tasks=(f"boolq={tmp_path / 'boolq.jsonl'}", "piqa"),
+        task_limit=10,
+    )
+    as_json = {"cfg": json.loads(json.dumps(cfg.to_dict()))}  # what a deployment or flow run stores
     assert oneshot.validate_parameters(as_json)["cfg"] == cfg
     assert oneshot.validate_parameters({"cfg": {"model": "m"}})["cfg"] == PruneConfig(model="m")
+    assert PruneConfig.from_dict(as_json["cfg"]) == cfg
 
 
 def test_bad_config_parameters_fail_with_the_configs_message():
     from flows.oneshot import oneshot
 
     with pytest.raises(ParameterTypeError, match=r"sparsity must be a fraction"):
-        oneshot.validate_parameters({"cfg": {"sparsity": 1.5}})
+        oneshot.validate_parameters({"cfg": {"solver": {"sparsity": 1.5}}})
     with pytest.raises(ParameterTypeError, match=r"N:M must look like"):
-        oneshot.validate_parameters({"cfg": {"nm": "2-4"}})
+        oneshot.validate_parameters({"cfg": {"solver": {"nm": "2-4"}}})
     with pytest.raises(ParameterTypeError, match=r"unknown task 'mmlu'"):
-        oneshot.validate_parameters({"cfg": {"tasks": ["mmlu"]}})
+        oneshot.validate_parameters({"cfg": {"eval": {"tasks": ["mmlu"]}}})

@@ -16,7 +16,6 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 from uuid import UUID
 
@@ -29,9 +28,11 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 import flows.oneshot as flow_mod
-from flows.oneshot import artifact_key, done_key, oneshot
-from stages import oneshot as st
+from flows import artifacts
+from flows.artifacts import artifact_key
+from flows.oneshot import done_key, oneshot
 from stages.config import PruneConfig
+from stages.prune import oneshot as st
 from tests.samples import TASK_SAMPLES, task_spec
 
 REPO = Path(__file__).resolve().parents[2]
@@ -41,8 +42,19 @@ TASKS = (task_spec("boolq"),) if TASK_SAMPLES.is_dir() else ()
 
 
 def tiny_cfg(model: Path, run_dir: Path, **kw) -> PruneConfig:
-    return PruneConfig(model=str(model), run_dir=str(run_dir), calib="pydoc", nsamples=6, seqlen=32, blocksize=16,
-                       eval=("pydoc",), eval_windows=2, tasks=TASKS, task_limit=2, **kw)
+    return PruneConfig.of(
+        model=str(model),
+        run_dir=str(run_dir),
+        calib="pydoc",
+        nsamples=6,
+        seqlen=32,
+        blocksize=16,
+        eval=("pydoc",),
+        eval_windows=2,
+        tasks=TASKS,
+        task_limit=2,
+        **kw,
+    )
 
 
 def read_artifacts(key: str) -> list:
@@ -64,7 +76,12 @@ def assert_same_weights(a: Path, b: Path) -> None:
 
 
 def mtimes(run_dir: Path) -> dict[str, int]:
-    files = [*run_dir.glob("blocks/*"), run_dir / "calib" / "tokens.json", run_dir / "model.json", *run_dir.glob("model/*")]
+    files = [
+        *run_dir.glob("blocks/*"),
+        run_dir / "calib" / "tokens.json",
+        run_dir / "model.json",
+        *run_dir.glob("model/*"),
+    ]
     return {p.relative_to(run_dir).as_posix(): p.stat().st_mtime_ns for p in files if p.exists()}
 
 
@@ -89,14 +106,14 @@ def reference(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     """One uninterrupted flow run with progress on: (cfg, final state, progress values sent per artifact id)."""
     cfg = tiny_cfg(tiny_llama_dir, tmp_path_factory.mktemp("flow") / "ref", progress=True)
     sent: dict[UUID, list[float]] = {}
-    real_update = flow_mod.update_progress_artifact
+    real_update = artifacts.update_progress_artifact
 
     def spy(artifact_id, progress, description=None):
         sent.setdefault(artifact_id, []).append(progress)
         return real_update(artifact_id, progress=progress, description=description)
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(flow_mod, "update_progress_artifact", spy)
+        mp.setattr(artifacts, "update_progress_artifact", spy)
         state = oneshot(cfg, return_state=True)
     assert state.is_completed(), state.message
     return cfg, state, sent
@@ -154,14 +171,28 @@ def test_progress_artifacts_move_with_the_blocks_and_the_evaluation_and_logs_rea
 def test_metrics_table_and_report_artifacts(reference):
     cfg, state, _ = reference
     metrics = state.result()
-    (table,) = [a for a in read_artifacts("sparsegpt-metrics-table") if a.flow_run_id == state.state_details.flow_run_id]
+    (table,) = [
+        a for a in read_artifacts("sparsegpt-metrics-table") if a.flow_run_id == state.state_details.flow_run_id
+    ]
     rows = json.loads(table.data)
-    assert rows[0] == {"kind": "perplexity", "name": "pydoc", "metric": "ppl", "n": 2,
-                       "dense": metrics["pydoc"]["dense_ppl"], "pruned": metrics["pydoc"]["ppl"]}
+    assert rows[0] == {
+        "kind": "perplexity",
+        "name": "pydoc",
+        "metric": "ppl",
+        "n": 2,
+        "dense": metrics["pydoc"]["dense_ppl"],
+        "pruned": metrics["pydoc"]["ppl"],
+    }
     assert rows[-1]["kind"] == "sparsity" and rows[-1]["pruned"] == metrics["sparsity"]["overall"]
     if TASKS:
-        assert {"kind": "task", "name": "boolq", "metric": "acc", "n": 2, "dense": metrics["tasks"]["boolq"]["dense"]["acc"],
-                "pruned": metrics["tasks"]["boolq"]["pruned"]["acc"]} in rows
+        assert {
+            "kind": "task",
+            "name": "boolq",
+            "metric": "acc",
+            "n": 2,
+            "dense": metrics["tasks"]["boolq"]["dense"]["acc"],
+            "pruned": metrics["tasks"]["boolq"]["pruned"]["acc"],
+        } in rows
         (md,) = [a for a in read_artifacts("sparsegpt-metrics") if a.flow_run_id == state.state_details.flow_run_id]
         assert "| boolq | 2 | acc |" in md.data
     (report,) = [a for a in read_artifacts("sparsegpt-report") if a.flow_run_id == state.state_details.flow_run_id]
@@ -179,7 +210,7 @@ def test_second_run_skips_finished_work_from_the_cache(reference):
     cfg, _, _ = reference
     run_dir = Path(cfg.run_dir)
     before, w_before = mtimes(run_dir), weights(run_dir)
-    state = oneshot(replace(cfg, progress=False), return_state=True)
+    state = oneshot(cfg.updated(progress=False), return_state=True)
     assert state.is_completed()
     assert mtimes(run_dir) == before
     w_after = weights(run_dir)
@@ -201,14 +232,18 @@ def test_deleted_block_is_redone_alone_and_never_served_stale(reference):
     assert done_key(flow_mod._block_record, cfg, run, 1) is None  # so that result can't be served
     assert done_key(flow_mod._model_record, cfg, run) is None
     before = mtimes(run_dir)
-    state = oneshot(replace(cfg, progress=False), return_state=True)
+    state = oneshot(cfg.updated(progress=False), return_state=True)
     assert state.is_completed()
     after = mtimes(run_dir)
     changed = {k for k in after if after[k] != before.get(k)}
     assert {"blocks/block_001.json", "blocks/block_001.safetensors", "model.json"} <= changed
     assert not {"blocks/block_000.json", "blocks/block_002.json", "calib/tokens.json"} & changed
     tasks = task_states(state.state_details.flow_run_id, expected=N_TASKS)
-    assert (tasks["prune-block-000"], tasks["prune-block-001"], tasks["prune-block-002"]) == ("Cached", "Completed", "Cached")
+    assert (tasks["prune-block-000"], tasks["prune-block-001"], tasks["prune-block-002"]) == (
+        "Cached",
+        "Completed",
+        "Cached",
+    )
     assert tasks["assemble"] == "Completed"
     w_after = weights(run_dir)
     assert all(torch.equal(w_before[k], w_after[k]) for k in w_before)
@@ -216,7 +251,7 @@ def test_deleted_block_is_redone_alone_and_never_served_stale(reference):
 
 def test_failed_run_resumes_with_prefect_flow_run_retry(reference, tmp_path, monkeypatch):
     ref_cfg, _, _ = reference
-    cfg = replace(ref_cfg, run_dir=str(tmp_path / "crashy"), progress=False)
+    cfg = ref_cfg.updated(run_dir=str(tmp_path / "crashy"), progress=False)
     real = st.prune_one
 
     def fail_at_block_1(cfg, run, i, sparsity):
@@ -234,8 +269,14 @@ def test_failed_run_resumes_with_prefect_flow_run_retry(reference, tmp_path, mon
     flow_run_id = failed.state_details.flow_run_id
 
     env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "PYTHONPATH": str(REPO)}
-    cmd = [str(Path(sys.executable).parent / "prefect"), "flow-run", "retry", str(flow_run_id),
-           "--entrypoint", "flows/oneshot.py:oneshot"]
+    cmd = [
+        str(Path(sys.executable).parent / "prefect"),
+        "flow-run",
+        "retry",
+        str(flow_run_id),
+        "--entrypoint",
+        "flows/oneshot.py:oneshot",
+    ]
     if not Path(cmd[0]).exists():
         cmd[0] = shutil.which("prefect") or pytest.skip("the prefect command is not installed")
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
@@ -252,16 +293,20 @@ def test_failed_run_resumes_with_prefect_flow_run_retry(reference, tmp_path, mon
 
 def test_evaluate_flow_agrees_with_the_oneshot_metrics(reference):
     from flows.evaluate import evaluate
+    from stages.config import EvaluateConfig
 
     cfg, _, _ = reference
     metrics = json.loads((Path(cfg.run_dir) / "eval" / "metrics.json").read_text())
-    res = evaluate(str(Path(cfg.run_dir) / "model"), ["pydoc"], seqlen=32, windows=2, tasks=list(TASKS), task_limit=2)
+    pruned = EvaluateConfig.of(model=str(Path(cfg.run_dir) / "model"), eval=("pydoc",), eval_seqlen=32, eval_windows=2)
+    res = evaluate(pruned.updated(tasks=TASKS, task_limit=2))
     assert res["pydoc"]["ppl"] == pytest.approx(metrics["pydoc"]["ppl"], rel=1e-5)
     if TASKS:
-        assert {k: res["tasks"]["boolq"][k] for k in ("acc", "n")} == {k: metrics["tasks"]["boolq"]["pruned"][k] for k in ("acc", "n")}
+        assert {k: res["tasks"]["boolq"][k] for k in ("acc", "n")} == {
+            k: metrics["tasks"]["boolq"]["pruned"][k] for k in ("acc", "n")
+        }
     (progress,) = read_artifacts("sparsegpt-eval-progress")[:1]
     assert (progress.type, progress.data) == ("progress", 100.0)
-    dense = evaluate(cfg.model, ["pydoc"], seqlen=32, windows=2, return_state=True)
+    dense = evaluate(pruned.updated(model=cfg.model), return_state=True)
     assert dense.is_completed()
     assert dense.result()["pydoc"]["ppl"] == pytest.approx(metrics["pydoc"]["dense_ppl"], rel=1e-5)
 
@@ -272,8 +317,22 @@ def test_cli_eval_prints_perplexity_and_task_tables(reference, capsys):
     cfg, state, _ = reference
     metrics = state.result()
     model = str(Path(cfg.run_dir) / "model")
-    assert main(["eval", model, "--eval", "pydoc", "--seqlen", "32", "--eval-windows", "2",
-                 *(["--tasks", ",".join(TASKS), "--limit", "2"] if TASKS else [])]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                model,
+                "--eval",
+                "pydoc",
+                "--seqlen",
+                "32",
+                "--eval-windows",
+                "2",
+                *(["--tasks", ",".join(TASKS), "--limit", "2"] if TASKS else []),
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert f"| pydoc | 2 x 32 | {metrics['pydoc']['ppl']:.2f} |" in out
     if TASKS:

@@ -13,7 +13,6 @@ import json
 import os
 import subprocess
 import sys
-from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -21,30 +20,49 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, LogFilter
 from prefect.settings import PREFECT_API_URL
 
-import flows.progressive as flow_mod
-from flows.oneshot import artifact_key
+from flows import artifacts
+from flows.artifacts import artifact_key
 from flows.progressive import progressive
-from stages.progressive import ProgressiveConfig, RoundPaths
-from stages.rundir import verify_record
+from stages.progressive.rounds import ProgressiveConfig, RoundPaths
+from stages.run.rundir import verify_record
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 def tiny_cfg(model_dir: Path, run_dir: Path, **kw) -> ProgressiveConfig:
     base = dict(
-        model=str(model_dir), run_dir=str(run_dir), schedule=(0.4, 0.6), calib="pydoc", nsamples=4, seqlen=32,
-        blocksize=16, batch_size=4, finetune_data="pydoc", tokens_per_round=2 * 2 * 32, micro_batch_size=2,
-        checkpoint_every=1, rounds_per_run=1, eval=("pydoc",), eval_windows=2, progress=False,
-    )  # fmt: skip
-    return ProgressiveConfig(**{**base, **kw})
+        model=str(model_dir),
+        run_dir=str(run_dir),
+        schedule=(0.4, 0.6),
+        calib="pydoc",
+        nsamples=4,
+        seqlen=32,
+        blocksize=16,
+        batch_size=4,
+        finetune_data="pydoc",
+        tokens_per_round=2 * 2 * 32,
+        micro_batch_size=2,
+        checkpoint_every=1,
+        rounds_per_run=1,
+        eval=("pydoc",),
+        eval_windows=2,
+        progress=False,
+    )
+    return ProgressiveConfig.of(**{**base, **kw})
 
 
 def test_flow_advances_one_round_per_run_and_publishes_the_curve(tiny_llama_dir, tmp_path, monkeypatch):
     cfg = tiny_cfg(tiny_llama_dir, tmp_path / "p")
     sent: list[float] = []
-    real_update = flow_mod.update_progress_artifact
-    monkeypatch.setattr(flow_mod, "update_progress_artifact",
-                        lambda aid, progress, description=None: (sent.append(progress), real_update(aid, progress=progress, description=description))[1])  # fmt: skip
+    real_update = artifacts.update_progress_artifact
+    monkeypatch.setattr(
+        artifacts,
+        "update_progress_artifact",
+        lambda aid, progress, description=None: (
+            (description or "").startswith("round ") and sent.append(progress),  # the rounds' artifact only
+            real_update(aid, progress=progress, description=description),
+        )[1],
+    )
 
     first = progressive(cfg)
     assert first["done_now"] == [1] and first["remaining"] == 1 and "run again" in first["message"]
@@ -59,26 +77,37 @@ def test_flow_advances_one_round_per_run_and_publishes_the_curve(tiny_llama_dir,
     assert [r["target"] for r in rows] == [0.4, 0.6] and all(r["steps"] == 2 for r in rows)
     assert rows == json.loads((tmp_path / "p" / "summary.json").read_text())["rounds"]
     with get_client(sync_client=True) as client:
-        arts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["sparsegpt-progressive"])))
+        arts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["sparsegpt-progressive"]))
+        )
         newest = next(a.data for a in arts if a.flow_run_id == third_run)  # the last run shows the whole curve
         assert "2 of 2 rounds done (schedule complete)" in newest
         assert f"{rows[1]['ppl_before']['pydoc']:.2f} -> {rows[1]['ppl_after']['pydoc']:.2f}" in newest
         report = (tmp_path / "p" / "eval" / "report.md").read_text()
         assert "round" in report.lower() and "0.6" in report
         assert client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["sparsegpt-report"])))
-        prog = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[artifact_key(cfg.run_dir) + "-rounds"])))
+        prog = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[artifact_key(cfg.run_dir) + "-rounds"]))
+        )
         assert prog and max(prog, key=lambda a: a.created).data == pytest.approx(100.0)
 
 
 def _prefect(args: list[str], env: dict, timeout: int = 300) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "prefect", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(
+        [sys.executable, "-m", "prefect", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
+    )
     assert proc.returncode == 0, f"prefect {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc
 
 
 def test_scheduled_deployment_runs_advance_rounds_then_find_nothing_to_do(tiny_llama_dir, tmp_path):
-    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "PREFECT_HOME": str(tmp_path / "prefect-home"),
-           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PYTHONPATH": str(REPO)}  # fmt: skip
+    env = {
+        **os.environ,
+        "PREFECT_API_URL": PREFECT_API_URL.value(),
+        "PREFECT_HOME": str(tmp_path / "prefect-home"),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PYTHONPATH": str(REPO),
+    }
     _prefect(["work-pool", "create", "--type", "process", "--overwrite", "local-process"], env)
     _prefect(["--no-prompt", "deploy", "--name", "sparsegpt-progressive"], env)
 
@@ -87,13 +116,15 @@ def test_scheduled_deployment_runs_advance_rounds_then_find_nothing_to_do(tiny_l
         assert dep.global_concurrency_limit is not None and dep.global_concurrency_limit.limit == 1
         assert dep.concurrency_options.collision_strategy == "ENQUEUE"
         assert [s.schedule.cron for s in dep.schedules] == ["0 */2 * * *"] and dep.schedules[0].active
-        assert dep.parameters["cfg"]["rounds_per_run"] == 1
+        assert dep.parameters["cfg"]["runtime"]["rounds_per_run"] == 1
 
     cfg = tiny_cfg(tiny_llama_dir, tmp_path / "deployed")
-    param = json.dumps({**asdict(cfg), "schedule": list(cfg.schedule), "eval": list(cfg.eval), "distill": list(cfg.distill)})
+    param = json.dumps(cfg.to_dict())
     messages = []
     for expected_done in (1, 2, 2):
-        out = _prefect(["deployment", "run", "sparsegpt-progressive/sparsegpt-progressive", "--param", f"cfg={param}"], env)
+        out = _prefect(
+            ["deployment", "run", "sparsegpt-progressive/sparsegpt-progressive", "--param", f"cfg={param}"], env
+        )
         run_id = next(line.split()[-1] for line in out.stdout.splitlines() if "UUID" in line)
         _prefect(["worker", "start", "--pool", "local-process", "--run-once", "--limit", "1"], env, timeout=600)
         with get_client(sync_client=True) as client:

@@ -6,13 +6,13 @@ import pytest
 import torch
 
 from sparsegpt import (
+    QuantSpec,
     accumulate_hessian,
     magnitude_prune,
     nm_pattern_ok,
     outlier_ratio,
     owl_sparsities,
     quant_grid,
-    QuantSpec,
     wanda_prune,
 )
 

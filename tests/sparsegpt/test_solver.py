@@ -26,7 +26,9 @@ def layer(rows: int, cols: int, seed: int = 0, tokens: int = 512):
     g = torch.Generator().manual_seed(seed)
     mix = torch.randn(cols, cols, generator=g) / cols**0.5
     scales = torch.exp(torch.randn(cols, generator=g))  # some channels much louder (outliers)
-    X = (torch.randn(4, tokens // 4, cols, generator=g) @ mix + 0.1 * torch.randn(4, tokens // 4, cols, generator=g)) * scales
+    X = (
+        torch.randn(4, tokens // 4, cols, generator=g) @ mix + 0.1 * torch.randn(4, tokens // 4, cols, generator=g)
+    ) * scales
     W = torch.randn(rows, cols, generator=g) / cols**0.5
     H, _ = accumulate_hessian(None, X, 0)
     return W, H, X.reshape(-1, cols)
@@ -81,13 +83,15 @@ def test_joint_quantization_matches_paper_algorithm(bits, nm):
     W, H, _ = layer(rows, cols, seed=bits)
     quota = _block_quotas(None, rows, cols, bs, rows * cols // 2)
     res = sparsegpt_prune(W, H, 0.5, prune_n=nm[0], prune_m=nm[1], blocksize=bs, quant=QuantSpec(bits))
-    ref_W, ref_mask, _ = paper_prune(W, H, 0.5, prunen=nm[0], prunem=nm[1], blocksize=bs, wbits=bits, block_counts=quota)
+    ref_W, ref_mask, _ = paper_prune(
+        W, H, 0.5, prunen=nm[0], prunem=nm[1], blocksize=bs, wbits=bits, block_counts=quota
+    )
     agree = (res.mask == ref_mask).float().mean().item()
     assert agree >= 0.999
     # Rounding to the grid can flip a value at a half step; nearly all weights agree to fp32 precision.
     close = torch.isclose(res.weight, ref_W, rtol=1e-4, atol=1e-5).float().mean().item()
     assert close >= 0.999, close
-    levels = {len(torch.unique(r[~m])) for r, m in zip(res.weight, res.mask)}
+    levels = {len(torch.unique(r[~m])) for r, m in zip(res.weight, res.mask, strict=True)}
     assert max(levels) <= 2**bits
 
 

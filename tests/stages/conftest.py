@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from stages.config import PruneConfig
-from stages.evaluate import evaluate_run
-from stages.oneshot import block_records, run_pipeline
+from stages.evaluate.evaluate import evaluate_run
+from stages.prune.oneshot import block_records, run_pipeline
 from tests.samples import TASK_SAMPLES, task_spec
 
 
@@ -16,12 +16,26 @@ def evaluated_run(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory
     """(cfg, run, metrics, progress calls): tiny Llama, SparseGPT 50% with OWL, pydoc perplexity, two tasks."""
     if not TASK_SAMPLES.is_dir():
         pytest.skip(f"task samples not found at {TASK_SAMPLES}")
-    cfg = PruneConfig(model=str(tiny_llama_dir), run_dir=str(tmp_path_factory.mktemp("evaluated") / "run"), calib="pydoc",
-                      nsamples=6, seqlen=32, batch_size=4, blocksize=16, progress=False, owl=True, owl_lambda=0.1,
-                      eval=("pydoc",), eval_windows=2, tasks=(task_spec("boolq"), task_spec("arc_easy")), task_limit=3,
-                      eval_batch_size=3)
+    cfg = PruneConfig.of(
+        model=str(tiny_llama_dir),
+        run_dir=str(tmp_path_factory.mktemp("evaluated") / "run"),
+        calib="pydoc",
+        nsamples=6,
+        seqlen=32,
+        batch_size=4,
+        blocksize=16,
+        progress=False,
+        owl=True,
+        owl_lambda=0.1,
+        eval=("pydoc",),
+        eval_windows=2,
+        tasks=(task_spec("boolq"), task_spec("arc_easy")),
+        task_limit=3,
+        eval_batch_size=3,
+    )
     run = run_pipeline(cfg)
     calls: list[tuple[int, int, str]] = []
-    metrics = evaluate_run(cfg, run, torch.float32, block_records(run), {"prune": 1.0},
-                           progress=lambda *a: calls.append(a))
+    metrics = evaluate_run(
+        cfg, run, torch.float32, block_records(run), {"prune": 1.0}, progress=lambda *a: calls.append(a)
+    )
     return cfg, run, metrics, calls

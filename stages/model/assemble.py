@@ -1,0 +1,214 @@
+"""Assemble a Hugging Face checkpoint from the original weights and per-block files.
+
+The output keeps the original tensor names and dtypes: non-block tensors (embeddings,
+final norm, lm_head) are copied from the original safetensors, and the tensors of
+block i come from its own file written by `stages.model.blocks.save_block` (block-relative
+names). Output shards hold whole blocks up to `max_shard_bytes`; a shard's header is
+written first, from the input files' headers, and its tensors are then streamed one
+block at a time, so one block is the most ever in memory whatever the shard size.
+Sharded output gets a `model.safetensors.index.json`; config, generation config and
+tokenizer files are copied. The folder is written under a temporary name and renamed into place.
+"""
+
+import json
+import math
+import os
+import shutil
+import struct
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from stages.model.blocks import Skeleton, skeleton
+from stages.model.models import INDEX_NAME, SafetensorsIndex
+
+PathLike = str | os.PathLike
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".ckpt", ".msgpack", ".h5")
+"""Files never copied from the original folder: weights are rewritten, pickles never carried over."""
+DEFAULT_SHARD_BYTES = 256 * 1024**2
+"""Output shard size (a block is never split across shards)."""
+_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+_NAMES = {dt: name for name, dt in _DTYPES.items()}
+
+
+def block_file_name(i: int) -> str:
+    """The default per-block file name, as in the run directory: `block_007.safetensors`."""
+    return f"block_{i:03d}.safetensors"
+
+
+def _original_layout(index: SafetensorsIndex) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+    """Each original tensor's (dtype, shape), read from the safetensors headers only."""
+    out: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
+    for file in index.files():
+        out.update(_header(index.root / file))
+    return out
+
+
+@dataclass(frozen=True)
+class _Unit:
+    """Tensors written together (the non-block tensors, or one block): output layout, then the data on demand."""
+
+    layout: dict[str, tuple[torch.dtype, tuple[int, ...]]]
+    """Output name -> (dtype written, shape), in writing order; read from safetensors headers only."""
+    load: Callable[[], dict[str, torch.Tensor]]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(math.prod(shape) * dt.itemsize for dt, shape in self.layout.values())
+
+
+def _header(path: Path) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+    """(dtype, shape) of every tensor in one safetensors file, from its header."""
+    with safe_open(str(path), framework="pt") as f:
+        out = {}
+        for n in f.keys():
+            sl = f.get_slice(n)
+            out[n] = (_DTYPES.get(sl.get_dtype(), torch.float32), tuple(sl.get_shape()))
+    return out
+
+
+def _block_unit(path: Path, i: int, sk: Skeleton, dtypes: dict[str, torch.dtype]) -> _Unit:
+    """Block i from its own file, under its checkpoint names (exactly the block's state dict)."""
+    prefix = sk.block_prefix(i)
+    found = _header(path)
+    expected = {prefix + n for n in sk.state_keys[i]}
+    names = {prefix + n for n in found}
+    unknown, missing = sorted(names - expected), sorted(expected - names)
+    if unknown or missing:
+        raise ValueError(
+            f"{path} does not match block {i} of {sk.architecture}: missing {missing[:5]}, unknown {unknown[:5]}; "
+            "was it written by save_block for this model?"
+        )
+
+    def load() -> dict[str, torch.Tensor]:
+        with safe_open(str(path), framework="pt") as f:
+            return {prefix + n: f.get_tensor(n) for n in found}
+
+    return _Unit({prefix + n: (dtypes.get(prefix + n, dt), shape) for n, (dt, shape) in found.items()}, load)
+
+
+def _units(
+    sk: Skeleton, paths: list[Path], index: SafetensorsIndex, original: dict[str, tuple[torch.dtype, tuple[int, ...]]]
+) -> list[_Unit]:
+    """The checkpoint in units: non-block tensors first, then one block at a time.
+
+    Original block tensors that the block does not have (old buffers transformers
+    ignores on load, e.g. GPT-2's `attn.bias`) are dropped, as `load_block` drops them.
+    Block tensors are written in their original dtypes (`original`, from the headers).
+    Every file's header is checked here, before anything is written.
+    """
+    rest = [k for k in index.weight_map if sk.block_of(k) is None]
+    dtypes = {k: dt for k, (dt, _) in original.items()}
+    units = [_Unit({k: original[k] for k in rest}, lambda: index.load(rest))]
+    return units + [_block_unit(path, i, sk, dtypes) for i, path in enumerate(paths)]
+
+
+def assemble(
+    model_dir: PathLike,
+    blocks_dir: PathLike,
+    out_dir: PathLike,
+    block_files: Sequence[PathLike] | None = None,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    trust_remote_code: bool = False,
+) -> Path:
+    """Write an HF checkpoint to `out_dir`: original non-block tensors plus the per-block files.
+
+    `block_files` (one per block, relative to `blocks_dir` or absolute) defaults to
+    `block_000.safetensors`, ... Block tensors are cast to the original dtypes.
+    """
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    sk = skeleton(model_dir, trust_remote_code)
+    names = list(block_files) if block_files is not None else [block_file_name(i) for i in range(sk.num_blocks)]
+    if len(names) != sk.num_blocks:
+        raise ValueError(f"{sk.architecture} has {sk.num_blocks} blocks but {len(names)} block files were given")
+    paths = [Path(blocks_dir) / n for n in names]
+    absent = [str(p) for p in paths if not p.is_file()]
+    if absent:
+        raise ValueError(f"block files missing: {absent[:3]}; prune those blocks first")
+    index = SafetensorsIndex.open(model_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    # `.{name}.tmp-{pid}`: the name `stages.run.rundir.sweep_tmp` removes if this process is killed.
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        shards = _write_shards(_units(sk, paths, index, _original_layout(index)), tmp, max_shard_bytes)
+        _write_index(tmp, shards)
+        for src in sorted(model_dir.iterdir()):
+            if src.is_file() and not src.name.endswith(WEIGHT_SUFFIXES) and src.name != INDEX_NAME:
+                shutil.copy2(src, tmp / src.name)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def _write_shards(units: list[_Unit], folder: Path, max_bytes: int) -> list[dict[str, int]]:
+    """Group units into shards of at most `max_bytes` (a unit is never split); return each shard's sizes."""
+    groups: list[list[_Unit]] = []
+    for unit in units:
+        if groups and sum(u.nbytes for u in groups[-1]) + unit.nbytes <= max_bytes:
+            groups[-1].append(unit)
+        else:
+            groups.append([unit])
+    shards = []
+    for j, group in enumerate(groups):
+        _stream_safetensors(folder / f"shard-{j:05d}.safetensors", group)
+        shards.append({k: math.prod(shape) * dt.itemsize for u in group for k, (dt, shape) in u.layout.items()})
+    return shards
+
+
+def _stream_safetensors(path: Path, units: list[_Unit]) -> None:
+    """Write one safetensors file unit by unit: the header first (it needs only dtypes and
+    shapes), then each unit's bytes, so only one unit's tensors are ever in memory."""
+    header: dict[str, dict] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for unit in units:
+        for name, (dt, shape) in unit.layout.items():
+            size = math.prod(shape) * dt.itemsize
+            header[name] = {"dtype": _NAMES[dt], "shape": list(shape), "data_offsets": [offset, offset + size]}
+            offset += size
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for unit in units:
+            tensors = unit.load()
+            for name, (dt, shape) in unit.layout.items():
+                t = tensors.pop(name).to("cpu", dt).contiguous()
+                if tuple(t.shape) != shape:
+                    raise ValueError(f"{name}: the file holds shape {tuple(t.shape)}, its header said {shape}")
+                f.write(t.reshape(-1).view(torch.uint8).numpy().data)
+            del tensors, t
+
+
+def _write_index(folder: Path, shards: list[dict[str, int]]) -> None:
+    """Name the shards as transformers does and write the index when there is more than one."""
+    if len(shards) == 1:
+        os.replace(folder / "shard-00000.safetensors", folder / "model.safetensors")
+        return
+    weight_map, total = {}, 0
+    for j, sizes in enumerate(shards):
+        name = f"model-{j + 1:05d}-of-{len(shards):05d}.safetensors"
+        os.replace(folder / f"shard-{j:05d}.safetensors", folder / name)
+        weight_map.update(dict.fromkeys(sizes, name))
+        total += sum(sizes.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")

@@ -1,0 +1,336 @@
+"""The one-shot pipeline's stages over a run directory.
+
+Each stage is a plain function `stage(cfg, run) -> small dict` that reads and writes
+files under the run directory and returns at once when its done-record verifies,
+so a crashed run resumes at the first unfinished piece of work:
+
+    prepare -> calibrate -> capture -> [owl] -> prune_one(i) for each block -> assemble
+
+(`run_steps`, written once; `OneshotSteps` says how each step runs, so the Prefect flow
+passes its tasks and `run_pipeline` the plain functions).
+
+A block is done when `blocks/block_XXX.json` (written last, with the checksum of
+`block_XXX.safetensors`) verifies. Activations live in `acts/block_XXX/` as Arrow
+shards; only the last `keep_acts` boundaries are kept, and a missing boundary is
+rebuilt from the nearest earlier one through the already-pruned blocks.
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from sparsegpt import owl_sparsities
+from stages.config import PruneConfig
+from stages.config.tree import to_flat
+from stages.data.calibration import read_tokens, sample_calibration, write_tokens
+from stages.model.assemble import assemble
+from stages.model.blocks import (
+    Skeleton,
+    find_blocks,
+    find_layers,
+    get_weight,
+    load_block,
+    load_layer_kwargs,
+    run_block,
+    save_block,
+    save_layer_kwargs,
+    shared_meta_model,
+    skeleton,
+)
+from stages.model.capture import capture_inputs
+from stages.model.models import compute_dtype, load_config, load_tokenizer, max_positions, resolve_model
+from stages.prune.pruning import block_outlier_ratio, collect_hessians, prune_block
+from stages.run.memory import release_memory
+from stages.run.rundir import RunLock, init_run, prune_old, sweep_tmp, verify_record, write_record
+from stages.run.shards import ShardWriter, is_complete, read_shards
+from stages.run.timing import timed
+
+log = logging.getLogger("sparsegpt.pipeline")
+SAMPLES_PER_SHARD = 16
+
+
+@dataclass(frozen=True)
+class Run:
+    """Paths of a run directory and the resolved model it prunes."""
+
+    root: Path
+    model_dir: Path
+    num_blocks: int
+
+    @property
+    def tokens(self) -> Path:
+        return self.root / "calib" / "tokens.arrow"
+
+    @property
+    def layer_kwargs(self) -> Path:
+        return self.root / "acts" / "layer_kwargs.safetensors"
+
+    def acts(self, i: int) -> Path:
+        return self.root / "acts" / f"block_{i:03d}"
+
+    def block_file(self, i: int) -> Path:
+        return self.root / "blocks" / f"block_{i:03d}.safetensors"
+
+    def block_record(self, i: int) -> Path:
+        return self.root / "blocks" / f"block_{i:03d}.json"
+
+    @property
+    def owl(self) -> Path:
+        return self.root / "owl.json"
+
+    @property
+    def model(self) -> Path:
+        return self.root / "model"
+
+    @property
+    def model_record(self) -> Path:
+        return self.root / "model.json"
+
+
+def versions() -> dict[str, str]:
+    import transformers
+
+    return {"torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version()}
+
+
+def prepare(cfg: PruneConfig) -> Run:
+    """Resolve the model, check the run's settings against it, and create or check run.json."""
+    model_dir = resolve_model(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    limit = max_positions(load_config(model_dir, cfg.trust_remote_code))
+    for name, seqlen in (("seqlen", cfg.calib.seqlen), ("eval_seqlen", cfg.eval_seqlen)):
+        if limit is not None and seqlen is not None and seqlen > limit:
+            raise ValueError(
+                f"{name} {seqlen} is beyond the model's {limit} positions; "
+                f"use --{name.replace('_', '-')} {limit} or less"
+            )
+    if cfg.runtime.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for but torch sees no GPU; use --device cpu")
+    sk = skeleton(model_dir, cfg.trust_remote_code)
+    check_nm_fits(cfg, sk)
+    root = Path(cfg.run_dir)
+    init_run(root, cfg.identity(), versions(), upgrade=PruneConfig.upgrade, options=to_flat(cfg))
+    return Run(root=root, model_dir=model_dir, num_blocks=sk.num_blocks)
+
+
+def check_nm_fits(cfg: PruneConfig, sk: Skeleton) -> None:
+    """Refuse an N:M pattern whose M does not divide some pruned layer's input width (before any work)."""
+    n, m = cfg.solver.prune_nm
+    if not m:
+        return
+    _, blocks = find_blocks(shared_meta_model(sk.model_dir, cfg.trust_remote_code))
+    for i, block in enumerate(blocks):
+        for name, layer in find_layers(block).items():
+            cols = get_weight(layer).shape[1]
+            if cols % m:
+                raise ValueError(
+                    f"--nm {n}:{m} does not fit layer {sk.block_prefix(i)}{name}: its input width {cols} is not "
+                    f"a multiple of M={m}; choose an M that divides every layer's width (e.g. 2:4)"
+                )
+
+
+def calibrate(cfg: PruneConfig, run: Run) -> dict:
+    """Sample the calibration windows into calib/tokens.arrow."""
+    record = run.tokens.with_suffix(".json")
+    done = verify_record(record)
+    if done is not None:
+        return done
+    tok = load_tokenizer(run.model_dir, cfg.trust_remote_code)
+    ids = sample_calibration(tok, cfg.calib)
+    write_tokens(run.tokens, ids)
+    release_memory()  # tokenizing the corpus leaves a large freed heap behind
+    return write_record(record, {"nsamples": int(ids.shape[0]), "seqlen": int(ids.shape[1])}, [run.tokens])
+
+
+def capture(cfg: PruneConfig, run: Run, needed: bool = False) -> dict:
+    """Inputs of block 0 into acts/block_000 and the layer kwargs into acts/layer_kwargs.
+
+    Skipped when both are on disk, or when block 0 is already pruned (its inputs were
+    used and may have been deleted since); `needed=True` insists on acts/block_000.
+    """
+    kw_record = run.layer_kwargs.with_suffix(".json")
+    if verify_record(kw_record) is not None and (
+        is_complete(run.acts(0)) or (not needed and verify_record(run.block_record(0)) is not None)
+    ):
+        return {"captured": False}
+    ids = torch.from_numpy(read_tokens(run.tokens).astype(np.int64))
+    dtype = compute_dtype(cfg.runtime.device, run.model_dir)
+    hidden, kwargs = capture_inputs(
+        run.model_dir, ids, cfg.runtime.device, dtype, cfg.runtime.batch_size, cfg.trust_remote_code
+    )
+    with ShardWriter(run.acts(0), dtype, tuple(hidden.shape[1:]), SAMPLES_PER_SHARD) as writer:
+        writer.add(hidden)
+    save_layer_kwargs(run.layer_kwargs, kwargs)
+    write_record(kw_record, {}, [run.layer_kwargs])
+    samples = int(hidden.shape[0])
+    del hidden
+    release_memory()
+    return {"captured": True, "samples": samples}
+
+
+def _load_kwargs(run: Run) -> dict:
+    return load_layer_kwargs(run.layer_kwargs)
+
+
+def _load_pruned(cfg: PruneConfig, run: Run, i: int, dtype: torch.dtype) -> torch.nn.Module:
+    """Block i with its pruned weights from blocks/block_i.safetensors."""
+    from safetensors.torch import load_file
+
+    block = load_block(run.model_dir, i, cfg.runtime.device, dtype, cfg.trust_remote_code)
+    state = load_file(str(run.block_file(i)), device=str(cfg.runtime.device))
+    block.load_state_dict({k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()})
+    return block
+
+
+def _forward_to_shards(cfg: PruneConfig, block: torch.nn.Module, src: Path, dst: Path, kwargs: dict) -> None:
+    """Run ``block`` over every sample of ``src`` and write the outputs to ``dst``."""
+    acts = read_shards(src)
+    with ShardWriter(dst, acts.dtype, acts.sample_shape, SAMPLES_PER_SHARD) as writer:
+        for x in acts.iter_batches(cfg.runtime.batch_size, cfg.runtime.device):
+            writer.add(run_block(block, x, kwargs).to("cpu"))
+
+
+def ensure_acts(cfg: PruneConfig, run: Run, i: int) -> None:
+    """Make acts/block_i complete: rebuild it through pruned blocks from the nearest earlier boundary."""
+    if is_complete(run.acts(i)):
+        return
+    start = next((k for k in range(i - 1, -1, -1) if is_complete(run.acts(k))), None)
+    if start is None:
+        capture(cfg, run, needed=True)
+        start = 0
+    dtype, kwargs = compute_dtype(cfg.runtime.device, run.model_dir), _load_kwargs(run)
+    for k in range(start, i):
+        log.info("rebuilding activations of block %d from block %d", k + 1, k)
+        _forward_to_shards(cfg, _load_pruned(cfg, run, k, dtype), run.acts(k), run.acts(k + 1), kwargs)
+
+
+def owl_allocation(cfg: PruneConfig, run: Run) -> list[float]:
+    """Per-block sparsities: uniform, or OWL from a dense pass over all blocks."""
+    if not cfg.solver.owl:
+        return [cfg.solver.sparsity] * run.num_blocks
+    done = verify_record(run.owl)
+    if done is not None:
+        return done["sparsities"]
+    ensure_acts(cfg, run, 0)
+    dtype, kwargs = compute_dtype(cfg.runtime.device, run.model_dir), _load_kwargs(run)
+    x = read_shards(run.acts(0))
+    hidden = torch.cat(list(x.iter_batches(cfg.runtime.batch_size)))  # dense activations, one boundary in memory
+    ratios = []
+    for i in range(run.num_blocks):
+        block = load_block(run.model_dir, i, cfg.runtime.device, dtype, cfg.trust_remote_code)
+        batches = [
+            hidden[j : j + cfg.runtime.batch_size].to(cfg.runtime.device)
+            for j in range(0, len(hidden), cfg.runtime.batch_size)
+        ]
+        collector = collect_hessians(block, find_layers(block), batches, kwargs)
+        ratios.append(block_outlier_ratio(block, collector, cfg.solver.owl_threshold))
+        hidden = torch.cat([run_block(block, b, kwargs).to("cpu") for b in batches])
+    sparsities = owl_sparsities(ratios, cfg.solver.sparsity, cfg.solver.owl_lambda)
+    write_record(run.owl, {"ratios": ratios, "sparsities": sparsities}, [])
+    return sparsities
+
+
+def prune_one(cfg: PruneConfig, run: Run, i: int, sparsity: float) -> dict:
+    """Prune block i: read acts/block_i, write blocks/block_i.* and acts/block_{i+1}."""
+    done = verify_record(run.block_record(i))
+    if done is not None:
+        return done
+    t0 = time.perf_counter()
+    ensure_acts(cfg, run, i)
+    dtype, kwargs = compute_dtype(cfg.runtime.device, run.model_dir), _load_kwargs(run)
+    block = load_block(run.model_dir, i, cfg.runtime.device, dtype, cfg.trust_remote_code)
+    acts = read_shards(run.acts(i))
+    prefix = f"{skeleton(run.model_dir).block_prefix(i)}"
+    stats = prune_block(
+        block,
+        lambda: acts.iter_batches(cfg.runtime.batch_size, cfg.runtime.device),
+        kwargs,
+        cfg.solver,
+        sparsity,
+        prefix,
+    )
+    _forward_to_shards(cfg, block, run.acts(i), run.acts(i + 1), kwargs)
+    save_block(run.block_file(i), block.state_dict())
+    payload = {"block": i, "seconds": time.perf_counter() - t0, "layers": {k: asdict(v) for k, v in stats.items()}}
+    record = write_record(run.block_record(i), payload, [run.block_file(i)])
+    prune_old(run.root / "acts", "block_*", keep_last=cfg.runtime.keep_acts)
+    del block
+    release_memory()
+    return record
+
+
+def assemble_model(cfg: PruneConfig, run: Run) -> dict:
+    """Write model/ (an HF checkpoint) from the original non-block weights and the pruned blocks."""
+    done = verify_record(run.model_record, quick=True)
+    if done is not None and run.model.is_dir():
+        return done
+    missing = [i for i in range(run.num_blocks) if verify_record(run.block_record(i)) is None]
+    if missing:
+        raise RuntimeError(f"blocks {missing[:5]} are not pruned yet; rerun the prune command to finish them")
+    assemble(run.model_dir, run.root / "blocks", run.model, trust_remote_code=cfg.trust_remote_code)
+    release_memory()
+    files = sorted(p for p in run.model.iterdir() if p.is_file())
+    return write_record(run.model_record, {"blocks": run.num_blocks}, files)
+
+
+def block_records(run: Run) -> list[dict | None]:
+    return [verify_record(run.block_record(i), quick=True) for i in range(run.num_blocks)]
+
+
+def prune_blocks(cfg: PruneConfig, run: Run, sparsities: list[float]) -> list[dict]:
+    """Every block in order (`prune_one`; finished blocks return their records at once)."""
+    return [prune_one(cfg, run, i, sparsities[i]) for i in range(run.num_blocks)]
+
+
+@dataclass(frozen=True)
+class OneshotSteps:
+    """How each step of a one-shot run runs: plain stage functions, or the Prefect flow's tasks wrapping them."""
+
+    calibrate: Callable[[PruneConfig, Run], dict] = calibrate
+    capture: Callable[[PruneConfig, Run], dict] = capture
+    allocate: Callable[[PruneConfig, Run], list[float]] = owl_allocation
+    prune_blocks: Callable[[PruneConfig, Run, list[float]], list[dict]] = prune_blocks
+    assemble: Callable[[PruneConfig, Run], dict] = assemble_model
+
+
+def run_steps(
+    cfg: PruneConfig, steps: OneshotSteps = OneshotSteps(), timings: dict[str, float] | None = None
+) -> tuple[Run, list[dict]]:
+    """The one-shot order, written once: prepare -> calibrate -> capture (+ OWL) -> blocks -> assemble.
+
+    Returns the run and its block records; each step's wall time goes into ``timings``.
+    The caller holds the run directory's `RunLock` (`run_pipeline` and the flow do).
+    """
+    timings = {} if timings is None else timings
+    with timed(timings, "prepare"):
+        run = prepare(cfg)
+    with timed(timings, "calibrate"):
+        steps.calibrate(cfg, run)
+    with timed(timings, "capture"):
+        steps.capture(cfg, run)  # cheap to check; its outputs may be pruned away later
+        sparsities = steps.allocate(cfg, run)
+    with timed(timings, "prune"):
+        records = steps.prune_blocks(cfg, run, sparsities)
+    with timed(timings, "assemble"):
+        steps.assemble(cfg, run)
+    return run, records
+
+
+def run_pipeline(cfg: PruneConfig) -> Run:
+    """All pruning stages in order, without Prefect (the flow runs the same `run_steps` with its tasks).
+
+    Like the flow, it holds the run directory's `RunLock` throughout (a second process
+    on the same run directory gets `RunError`) and first sweeps the temporary files a
+    killed run left behind.
+    """
+    with RunLock(cfg.run_dir):
+        sweep_tmp(cfg.run_dir)
+        run, _ = run_steps(cfg)
+    return run

@@ -1,0 +1,135 @@
+"""The one-shot run's final evaluation: zero-shot tasks on the dense and the pruned model,
+their done-records under eval/, metrics.json's "tasks" key, resuming, and the config fields."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import stages.evaluate.evaluate
+from stages.config import PruneConfig
+from stages.evaluate.evaluate import evaluate_run
+from stages.evaluate.perplexity import causal_lm_forward
+from stages.evaluate.tasks.zeroshot import evaluate_tasks
+from stages.prune.oneshot import block_records
+from stages.run.rundir import verify_record
+from tests.samples import TASK_SAMPLES, needs_task_samples, task_spec
+
+
+def scores_of(model_dir: Path, specs: tuple[str, ...]) -> dict:
+    """Task scores computed here from the checkpoint alone, one row per batch (independent of the run's batching)."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    return evaluate_tasks(
+        causal_lm_forward(model), AutoTokenizer.from_pretrained(model_dir), specs, limit=3, batch_size=1, max_length=64
+    )
+
+
+def test_tasks_of_dense_and_pruned_model_land_in_metrics_and_records(evaluated_run):
+    cfg, run, metrics, _ = evaluated_run
+    assert set(metrics["tasks"]) == {"boolq", "arc_easy"}
+    for which, model_dir in (("dense", run.model_dir), ("pruned", run.model)):
+        expected = scores_of(model_dir, cfg.eval.tasks)
+        for name, exp in expected.items():
+            got = metrics["tasks"][name][which]
+            assert {k: got[k] for k in exp} == pytest.approx(exp, abs=1e-12)
+            assert got["n"] == 3 and got["spec"] == task_spec(name) and got["seconds"] > 0
+            record = verify_record(run.root / "eval" / f"tasks-{which}-{name}-n3.json")
+            assert record == got
+    on_disk = json.loads((run.root / "eval" / "metrics.json").read_text())
+    assert on_disk["tasks"] == json.loads(json.dumps(metrics["tasks"]))
+    assert on_disk["pydoc"]["windows"] == 2 and on_disk["config"]["task_limit"] == 3
+
+
+def test_progress_moves_per_model_and_spec(evaluated_run):
+    *_, calls = evaluated_run
+    assert calls == [
+        (1, 6, "dense pydoc perplexity"),
+        (2, 6, "pruned pydoc perplexity"),
+        (3, 6, "dense boolq"),
+        (4, 6, "dense arc_easy"),
+        (5, 6, "pruned boolq"),
+        (6, 6, "pruned arc_easy"),
+    ]
+
+
+@pytest.fixture()
+def own_run(evaluated_run, tmp_path):
+    """The evaluated run copied, with its eval records, so that a rerun leaves the shared one as it was."""
+    cfg, run, metrics, _ = evaluated_run
+    shutil.copytree(run.root, tmp_path / "run", ignore=shutil.ignore_patterns("acts"))
+    return cfg.updated(run_dir=str(tmp_path / "run")), replace(run, root=tmp_path / "run"), metrics
+
+
+def test_rerun_uses_the_records_and_rescores_only_what_changed(own_run, tmp_path, monkeypatch):
+    cfg, run, metrics = own_run
+    scored: list[str] = []
+    real = stages.evaluate.evaluate.evaluate_tasks
+
+    def counting(forward, tok, specs, *args, **kwargs):
+        scored.extend(specs)
+        return real(forward, tok, specs, *args, **kwargs)
+
+    monkeypatch.setattr(stages.evaluate.evaluate, "evaluate_tasks", counting)
+    again = evaluate_run(cfg, run, torch.float32, block_records(run), {"prune": 1.0})
+    assert scored == [] and again["tasks"] == metrics["tasks"]
+    # the same task from another file is scored again (dense and pruned); an unchanged one is not
+    copy = tmp_path / "arc.jsonl"
+    shutil.copy(TASK_SAMPLES / "ARC-Easy-Dev.jsonl", copy)
+    moved = cfg.updated(tasks=(task_spec("boolq"), f"arc_easy={copy}"))
+    changed = evaluate_run(moved, run, torch.float32, block_records(run), {})
+    assert scored == [f"arc_easy={copy}"] * 2
+    assert changed["tasks"]["arc_easy"]["pruned"]["acc"] == metrics["tasks"]["arc_easy"]["pruned"]["acc"]
+
+
+def test_evaluate_run_keeps_the_positional_signature_without_tasks(own_run):
+    cfg, run, metrics = own_run
+    out = evaluate_run(cfg.updated(tasks=()), run, torch.float32, block_records(run), {})
+    assert "tasks" not in out and out["pydoc"] == metrics["pydoc"]
+
+
+@needs_task_samples
+def test_task_fields_are_checked_and_not_part_of_the_identity():
+    cfg = PruneConfig.of(tasks=[task_spec("boolq")], task_limit=5)
+    assert cfg.eval.tasks == (task_spec("boolq"),) and cfg.identity() == PruneConfig().identity()
+    with pytest.raises(ValueError, match="unknown task 'mmlu'"):
+        PruneConfig.of(tasks=("mmlu",))
+    with pytest.raises(ValueError, match="task file for piqa not found"):
+        PruneConfig.of(tasks=("piqa=/no/such.jsonl",))
+    with pytest.raises(ValueError, match="unique"):
+        PruneConfig.of(tasks=(task_spec("boolq"), task_spec("boolq")))
+    with pytest.raises(ValueError, match=r"task_limit \(--limit\) must be a positive integer, got 0"):
+        PruneConfig.of(task_limit=0)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "opt"])
+def test_blockwise_perplexity_head_in_chunks_equals_whole_model(arch, tiny_model_factory, monkeypatch):
+    """The head runs a few positions at a time (here 5, so every window spans several chunks,
+    one of them short); the perplexity equals exp(mean window loss) of the whole model."""
+    model_dir = tiny_model_factory(arch)
+    windows = torch.randint(3, 128, (3, 23), generator=torch.Generator().manual_seed(1))
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    with torch.no_grad():
+        logits = model(windows).logits
+    losses = (
+        torch.nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]), windows[:, 1:].reshape(-1), reduction="none"
+        )
+        .view(3, 22)
+        .mean(dim=1)
+    )
+    expected = float(torch.exp(losses.double().mean()))
+    calls = []
+    real_nll = stages.evaluate.evaluate.window_nll
+    monkeypatch.setattr(
+        stages.evaluate.evaluate, "window_nll", lambda head, h, ids: calls.append(5) or real_nll(head, h, ids, 5)
+    )
+    got = stages.evaluate.evaluate.blockwise_perplexity(model_dir, windows, batch_size=2)
+    assert calls == [5, 5, 5]
+    assert got.windows == 3 and got.seqlen == 23
+    assert got.ppl == pytest.approx(expected, rel=1e-5)

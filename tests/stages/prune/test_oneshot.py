@@ -1,0 +1,185 @@
+"""The one-shot stages end to end on tiny Llama, OPT and GPT-2 models (no Prefect)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from stages.config import PruneConfig
+from stages.data.calibration import read_tokens
+from stages.prune.oneshot import run_pipeline
+from stages.run.rundir import RunError
+from tests.stages.prune.reference_pipeline import reference_prune
+
+
+def tiny_cfg(model_dir: Path, run_dir: Path, **kw) -> PruneConfig:
+    base = dict(
+        model=str(model_dir),
+        run_dir=str(run_dir),
+        calib="pydoc",
+        nsamples=6,
+        seqlen=32,
+        batch_size=4,
+        progress=False,
+        blocksize=16,
+    )
+    return PruneConfig.of(**{**base, **kw})
+
+
+def model_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(str(f)))
+    return out
+
+
+@pytest.mark.parametrize("nm", [None, "2:4"])
+def test_pipeline_matches_in_memory_reference(tiny_model_dir, tmp_path, nm):
+    """One sample per forward pass, as the reference does: the weights are bit-identical."""
+    cfg = tiny_cfg(tiny_model_dir, tmp_path / "run", nm=nm, batch_size=1)
+    run = run_pipeline(cfg)
+    ids = torch.from_numpy(read_tokens(run.tokens).astype(np.int64))
+    n, m = cfg.solver.prune_nm
+    ref = reference_prune(tiny_model_dir, ids, cfg.solver.sparsity, n, m, cfg.solver.blocksize)
+    ours = AutoModelForCausalLM.from_pretrained(run.model, dtype=torch.float32)
+    ref_sd, our_sd = ref.state_dict(), ours.state_dict()
+    assert ref_sd.keys() == our_sd.keys()
+    for k in ref_sd:
+        assert torch.equal(our_sd[k], ref_sd[k]), k
+
+
+def test_batched_forward_agrees_with_reference(tiny_model_dir, tmp_path):
+    """Batches of 4 round differently; only near-tied weights may flip between pruned and kept."""
+    cfg = tiny_cfg(tiny_model_dir, tmp_path / "run", batch_size=4)
+    run = run_pipeline(cfg)
+    ids = torch.from_numpy(read_tokens(run.tokens).astype(np.int64))
+    ref = reference_prune(tiny_model_dir, ids, cfg.solver.sparsity, 0, 0, cfg.solver.blocksize).state_dict()
+    ours = AutoModelForCausalLM.from_pretrained(run.model, dtype=torch.float32).state_dict()
+    flips = sum(int(((ref[k] == 0) != (ours[k] == 0)).sum()) for k in ref if k.endswith("weight"))
+    total = sum(ref[k].numel() for k in ref if k.endswith("weight"))
+    assert flips / total < 1e-3
+
+
+def test_output_is_a_loadable_sparse_checkpoint(tiny_model_dir, tmp_path):
+    cfg = tiny_cfg(tiny_model_dir, tmp_path / "run", sparsity=0.6)
+    run = run_pipeline(cfg)
+    model, info = AutoModelForCausalLM.from_pretrained(run.model, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    AutoTokenizer.from_pretrained(run.model)
+    from stages.model.blocks import find_blocks, find_layers, get_weight
+
+    for block in find_blocks(model)[1]:
+        for name, layer in find_layers(block).items():
+            W = get_weight(layer)
+            assert (W == 0).float().mean().item() == pytest.approx(0.6, abs=1e-3), name
+    records = [json.loads(p.read_text()) for p in sorted((run.root / "blocks").glob("*.json"))]
+    assert len(records) == run.num_blocks
+    assert all(0 <= st["rel_error"] < 1 for r in records for st in r["layers"].values())
+
+
+@pytest.mark.parametrize("method", ["wanda", "magnitude"])
+def test_baseline_methods_and_owl(tiny_llama_dir, tmp_path, method):
+    run = run_pipeline(tiny_cfg(tiny_llama_dir, tmp_path / "run", method=method))
+    W = model_tensors(run.model)["model.layers.0.mlp.up_proj.weight"]
+    assert (W == 0).float().mean().item() == pytest.approx(0.5, abs=1e-3)
+    owl = run_pipeline(tiny_cfg(tiny_llama_dir, tmp_path / "owl", owl=True, sparsity=0.6, owl_lambda=0.1))
+    alloc = json.loads((owl.root / "owl.json").read_text())
+    assert sum(alloc["sparsities"]) / len(alloc["sparsities"]) == pytest.approx(0.6)
+    assert max(alloc["sparsities"]) - min(alloc["sparsities"]) == pytest.approx(0.2)
+
+
+def test_resume_skips_finished_blocks_and_redoes_corrupt_ones(tiny_llama_dir, tmp_path):
+    cfg = tiny_cfg(tiny_llama_dir, tmp_path / "run")
+    run = run_pipeline(cfg)
+    first = model_tensors(run.model)
+    rec0, rec1 = run.block_record(0), run.block_record(1)
+    t0, t1 = rec0.stat().st_mtime_ns, rec1.stat().st_mtime_ns
+    # Corrupt block 1's weights (same size), drop the assembled model: block 1 is redone, block 0 is not.
+    data = bytearray(run.block_file(1).read_bytes())
+    data[-8:] = b"\x00" * 8
+    run.block_file(1).write_bytes(bytes(data))
+    (run.root / "model.json").unlink()
+    run_pipeline(cfg)
+    assert rec0.stat().st_mtime_ns == t0 and rec1.stat().st_mtime_ns != t1
+    again = model_tensors(run.model)
+    assert all(torch.equal(first[k], again[k]) for k in first)
+
+
+def test_missing_activations_are_rebuilt_identically(tiny_llama_dir, tmp_path):
+    cfg = tiny_cfg(tiny_llama_dir, tmp_path / "run")
+    run = run_pipeline(cfg)
+    first = model_tensors(run.model)
+
+    for i in (1, 2):
+        run.block_record(i).unlink()
+    shutil.rmtree(run.root / "acts")  # every boundary gone: recapture, then replay block 0
+    (run.root / "model.json").unlink()
+    run_pipeline(cfg)
+    again = model_tensors(run.model)
+    assert all(torch.equal(first[k], again[k]) for k in first)
+
+
+def test_old_activations_are_deleted(tiny_llama_dir, tmp_path):
+    run = run_pipeline(tiny_cfg(tiny_llama_dir, tmp_path / "run"))
+    kept = sorted(p.name for p in (run.root / "acts").iterdir() if p.is_dir())
+    assert kept == ["block_002", "block_003"]
+
+
+def test_different_config_is_refused(tiny_llama_dir, tmp_path):
+    cfg = tiny_cfg(tiny_llama_dir, tmp_path / "run")
+    run_pipeline(cfg)
+    with pytest.raises(RunError, match=r"sparsity: 0.5 \(run dir\) != 0.7"):
+        run_pipeline(cfg.updated(sparsity=0.7))
+    run_pipeline(cfg.updated(eval_windows=3, batch_size=2))  # not part of the run's identity
+
+
+def test_run_directory_of_the_flat_config_resumes(tiny_llama_dir, tmp_path):
+    """A run directory whose run.json holds the flat config the code wrote before the config tree
+    (written here as that code wrote it) resumes: finished blocks are kept, the rest is pruned."""
+    import json
+
+    from stages.run.rundir import config_hash
+
+    cfg = tiny_cfg(tiny_llama_dir, tmp_path / "run")
+    straight = run_pipeline(tiny_cfg(tiny_llama_dir, tmp_path / "straight"))
+    run = run_pipeline(cfg)
+    old = {
+        "model": str(tiny_llama_dir),
+        "method": "sparsegpt",
+        "sparsity": 0.5,
+        "nm": None,
+        "wbits": 16,
+        "calib": "pydoc",
+        "nsamples": 6,
+        "seqlen": 32,
+        "seed": 0,
+        "blocksize": 16,
+        "percdamp": 0.01,
+        "damp_retries": 3,
+        "owl": False,
+        "owl_lambda": 0.08,
+        "owl_threshold": 5.0,
+        "trust_remote_code": False,
+    }
+    meta = json.loads((run.root / "run.json").read_text())
+    meta.update(config=old, config_hash=config_hash(old))
+    meta.pop("options")
+    (run.root / "run.json").write_text(json.dumps(meta))
+    for f in (run.root / "blocks").glob("block_002.*"):  # the old run stopped before its last block
+        f.unlink()
+    shutil.rmtree(run.model)
+    (run.root / "model.json").unlink()
+    kept = (run.root / "blocks" / "block_001.json").stat().st_mtime_ns
+    run_pipeline(cfg)
+    assert (run.root / "blocks" / "block_001.json").stat().st_mtime_ns == kept
+    a, b = model_tensors(run.model), model_tensors(straight.model)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(RunError, match=r"calib\.nsamples: 6 \(run dir\) != 7"):
+        run_pipeline(cfg.updated(nsamples=7))

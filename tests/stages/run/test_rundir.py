@@ -1,0 +1,275 @@
+"""Tests for stages.run.rundir: atomic writes, done-records, run identity, lock, cleanup."""
+
+import errno
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+import stages.run.rundir as rundir
+from stages.run.rundir import (
+    RunError,
+    RunLock,
+    atomic_path,
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+    init_run,
+    prune_old,
+    remove_tree,
+    sha256_file,
+    sweep_tmp,
+    verify_record,
+    write_record,
+)
+
+REPO = Path(__file__).resolve().parents[3]
+
+
+def _tmp_files(folder: Path) -> list[Path]:
+    return [p for p in folder.rglob("*") if ".tmp-" in p.name]
+
+
+# ---------------------------------------------------------------- atomic writes
+
+
+def test_atomic_writes_round_trip_and_leave_no_tmp(tmp_path: Path) -> None:
+    atomic_write_bytes(tmp_path / "sub" / "a.bin", b"\x00\x01")
+    atomic_write_text(tmp_path / "b.txt", "héllo")
+    atomic_write_json(tmp_path / "c.json", {"b": 1, "a": [1, 2]})
+    assert (tmp_path / "sub" / "a.bin").read_bytes() == b"\x00\x01"
+    assert (tmp_path / "b.txt").read_text(encoding="utf-8") == "héllo"
+    text = (tmp_path / "c.json").read_text()
+    assert json.loads(text) == {"a": [1, 2], "b": 1}
+    assert text.index('"a"') < text.index('"b"')  # sorted keys
+    assert _tmp_files(tmp_path) == []
+
+
+def test_atomic_path_failure_leaves_target_untouched(tmp_path: Path) -> None:
+    target = tmp_path / "out.bin"
+    target.write_bytes(b"old")
+    with pytest.raises(KeyError):
+        with atomic_path(target) as tmp:
+            assert tmp.parent == tmp_path and tmp.name.startswith(".out.bin.tmp-")
+            tmp.write_bytes(b"half")
+            raise KeyError("boom")
+    assert target.read_bytes() == b"old"
+    assert _tmp_files(tmp_path) == []
+
+
+def test_atomic_path_requires_the_writer_to_create_the_file(tmp_path: Path) -> None:
+    with pytest.raises(RunError, match="did not create"):
+        with atomic_path(tmp_path / "x"):
+            pass
+    assert not (tmp_path / "x").exists()
+
+
+def test_disk_full_during_write_is_a_clear_error(tmp_path: Path) -> None:
+    target = tmp_path / "w.bin"
+    with pytest.raises(RunError) as info:
+        with atomic_path(target) as tmp:
+            tmp.write_bytes(b"partial")
+            raise OSError(errno.ENOSPC, "No space left on device")
+    msg = str(info.value)
+    assert "disk full" in msg and str(target) in msg and "resume" in msg
+    assert "\n" not in msg
+    assert not target.exists() and _tmp_files(tmp_path) == []
+
+
+def test_disk_full_on_rename_keeps_old_file(tmp_path: Path, monkeypatch) -> None:
+    target = tmp_path / "r.json"
+    atomic_write_json(target, {"v": 1})
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(rundir.os, "replace", full)
+    with pytest.raises(RunError, match="disk full"):
+        atomic_write_json(target, {"v": 2})
+    assert json.loads(target.read_text()) == {"v": 1}
+    assert _tmp_files(tmp_path) == []
+
+
+def test_sha256_file_streams_large_files(tmp_path: Path) -> None:
+    data = os.urandom((1 << 20) * 2 + 123)
+    (tmp_path / "big").write_bytes(data)
+    assert sha256_file(tmp_path / "big") == hashlib.sha256(data).hexdigest()
+
+
+# ---------------------------------------------------------------- done-records
+
+
+def _record_with_files(tmp_path: Path) -> tuple[Path, Path, Path]:
+    a = tmp_path / "blocks" / "block_000.safetensors"
+    b = tmp_path / "acts" / "block_001" / "shard-00000.arrow"
+    atomic_write_bytes(a, b"A" * 1000)
+    atomic_write_bytes(b, b"B" * 10)
+    rec = tmp_path / "blocks" / "block_000.json"
+    written = write_record(rec, {"block": 0, "loss": 1.5}, [a, b])
+    assert set(written["files"]) == {"block_000.safetensors", "../acts/block_001/shard-00000.arrow"}
+    return rec, a, b
+
+
+def test_record_verifies_and_returns_payload(tmp_path: Path) -> None:
+    rec, _, _ = _record_with_files(tmp_path)
+    assert verify_record(rec) == {"block": 0, "loss": 1.5}
+    assert verify_record(rec, quick=True) == {"block": 0, "loss": 1.5}
+
+
+def test_record_detects_changed_truncated_and_missing_files(tmp_path: Path) -> None:
+    rec, a, b = _record_with_files(tmp_path)
+    a.write_bytes(b"A" * 999 + b"X")  # same size, different content
+    assert verify_record(rec) is None
+    assert verify_record(rec, quick=True) is not None  # the documented trade-off
+    a.write_bytes(b"A" * 500)
+    assert verify_record(rec, quick=True) is None
+    a.write_bytes(b"A" * 1000)
+    assert verify_record(rec) is not None
+    b.unlink()
+    assert verify_record(rec) is None
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"",
+        b'{"block": 0, "fi',
+        b"\xff\xfe garbage",
+        b"[1, 2]",
+        b'{"files": 3}',
+        b'{"files": {"x": {"bytes": "nan"}}}',
+        b'{"files": {"x": 5}}',
+    ],
+)
+def test_corrupt_record_means_not_done(tmp_path: Path, content: bytes) -> None:
+    rec = tmp_path / "r.json"
+    rec.write_bytes(content)
+    assert verify_record(rec) is None
+    assert verify_record(tmp_path / "missing.json") is None
+
+
+def test_record_refuses_missing_files_and_reserved_key(tmp_path: Path) -> None:
+    with pytest.raises(RunError, match="does not exist"):
+        write_record(tmp_path / "r.json", {}, [tmp_path / "nope"])
+    with pytest.raises(ValueError, match="files"):
+        write_record(tmp_path / "r.json", {"files": 1}, [])
+    assert not (tmp_path / "r.json").exists()
+
+
+# ---------------------------------------------------------------- run identity
+
+CONFIG = {"model": "tiny", "sparsity": 0.5, "prune": {"n": 2, "m": 4}, "device": "cpu"}
+
+
+def test_init_run_writes_run_json_and_resumes(tmp_path: Path) -> None:
+    init_run(tmp_path, CONFIG, {"torch": "2.13"}, ignore=["device"])
+    run = json.loads((tmp_path / "run.json").read_text())
+    assert run["config"] == CONFIG and run["versions"] == {"torch": "2.13"}
+    assert len(run["config_hash"]) == 64 and run["created"]
+    before = (tmp_path / "run.json").read_bytes()
+    init_run(tmp_path, dict(CONFIG), {"torch": "2.14"}, ignore=["device"])
+    init_run(tmp_path, {**CONFIG, "device": "cuda:1"}, {}, ignore=["device"])
+    assert (tmp_path / "run.json").read_bytes() == before
+
+
+def test_init_run_refuses_a_different_config_key_by_key(tmp_path: Path) -> None:
+    init_run(tmp_path, CONFIG, {}, ignore=["device"])
+    other = {**CONFIG, "sparsity": 0.6, "prune": {"n": 2, "m": 8}, "seed": 1, "device": "x"}
+    with pytest.raises(RunError) as info:
+        init_run(tmp_path, other, {}, ignore=["device"])
+    msg = str(info.value)
+    assert "sparsity: 0.5 (run dir) != 0.6 (this command)" in msg
+    assert "prune.m: 4 (run dir) != 8 (this command)" in msg
+    assert "seed: <absent> (run dir) != 1 (this command)" in msg
+    assert "device" not in msg and "model" not in msg
+    assert "--run-dir" in msg and str(tmp_path) in msg
+
+
+def test_init_run_reports_unreadable_run_json(tmp_path: Path) -> None:
+    (tmp_path / "run.json").write_text("{trunc")
+    with pytest.raises(RunError, match="unreadable"):
+        init_run(tmp_path, CONFIG, {})
+
+
+# ---------------------------------------------------------------- lock
+
+HOLDER = textwrap.dedent(
+    """
+    import sys, time
+    from stages.run.rundir import RunLock
+    with RunLock(sys.argv[1]):
+        print("locked", flush=True)
+        time.sleep(60)
+    """
+)
+
+
+def _spawn_holder(run_dir: Path) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(run_dir)], stdout=subprocess.PIPE, env=env, text=True)
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "locked"
+    return proc
+
+
+def test_lock_held_by_another_process_then_freed_by_sigkill(tmp_path: Path) -> None:
+    proc = _spawn_holder(tmp_path)
+    try:
+        with pytest.raises(RunError) as info:
+            RunLock(tmp_path).acquire()
+        msg = str(info.value)
+        assert str(tmp_path) in msg and f"pid {proc.pid}" in msg and "another process" in msg
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+        proc.stdout.close()
+    assert (tmp_path / ".lock").exists()  # stale file left behind by the killed holder
+    with RunLock(tmp_path) as lock:
+        assert f"pid {os.getpid()}" in lock.path.read_text()
+
+
+def test_lock_is_exclusive_within_a_process_and_reusable(tmp_path: Path) -> None:
+    with RunLock(tmp_path):
+        with pytest.raises(RunError, match="in use"):
+            RunLock(tmp_path).acquire()
+    with RunLock(tmp_path):
+        pass
+
+
+# ---------------------------------------------------------------- cleanup
+
+
+def test_prune_old_keeps_the_last_in_natural_order(tmp_path: Path) -> None:
+    for i in range(12):
+        atomic_write_bytes(tmp_path / f"block_{i}" / "x", b"1")
+    (tmp_path / ".hidden").mkdir()
+    (tmp_path / "notes.txt").write_text("keep")
+    deleted = prune_old(tmp_path, "block_*", keep_last=2)
+    assert [p.name for p in deleted] == [f"block_{i}" for i in range(10)]
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left == [".hidden", "block_10", "block_11", "notes.txt"]
+    last_two = [tmp_path / "block_10", tmp_path / "block_11"]
+    assert prune_old(last_two, keep_last=1) == [tmp_path / "block_10"]
+
+
+def test_interrupted_delete_leaves_no_folder_under_its_name(tmp_path: Path, monkeypatch) -> None:
+    folder = tmp_path / "block_003"
+    atomic_write_bytes(folder / "manifest.json", b"{}")
+
+    def crash(path, *args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(rundir.shutil, "rmtree", crash)
+    with pytest.raises(KeyboardInterrupt):
+        remove_tree(folder)
+    monkeypatch.undo()
+    assert not folder.exists()
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / ".a.bin.tmp-999").write_bytes(b"x")
+    removed = sweep_tmp(tmp_path)
+    assert len(removed) == 2 and sorted(p.name for p in tmp_path.rglob("*")) == ["sub"]
