@@ -86,6 +86,9 @@ def _prune(args: argparse.Namespace) -> int:
     from stages.config import PruneConfig
 
     cfg = build(PruneConfig(), args)
+    from stages.prune.oneshot import check
+
+    check(cfg)  # bad input is refused here, before Prefect starts
     from flows.artifacts import metrics_markdown
     from flows.oneshot import oneshot
 

@@ -25,7 +25,6 @@ from prefect.transactions import get_transaction
 from flows.artifacts import block_progress, eval_progress, publish_metrics, report_markdown
 from stages.config import PruneConfig
 from stages.evaluate.evaluate import evaluate_run
-from stages.model.models import compute_dtype
 from stages.prune import oneshot as st
 from stages.run.rundir import RunLock, config_hash, sweep_tmp, verify_record
 
@@ -116,7 +115,7 @@ def assemble(cfg: PruneConfig, run: st.Run) -> dict:
 def evaluate(cfg: PruneConfig, run: st.Run, records: list[dict], timings: dict) -> dict:
     """Dense vs pruned perplexity and task scores, with a progress artifact moving per (model, SPEC)."""
     progress = eval_progress(cfg)
-    return evaluate_run(cfg, run, compute_dtype(cfg.runtime.device, run.model_dir), records, timings, progress)
+    return evaluate_run(cfg, run, run.dtype, records, timings, progress)
 
 
 @task(name="report")

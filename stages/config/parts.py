@@ -18,6 +18,8 @@ from stages.data.specs import parse_spec
 from stages.data.tasks import parse_task_specs
 
 Method = Literal["sparsegpt", "wanda", "magnitude"]
+Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 METHODS = ("sparsegpt", "wanda", "magnitude")
 
 
@@ -167,12 +169,17 @@ class RuntimeConfig:
 
     device: str = "cpu"
     """Torch device of blocks, Hessians and solves: cpu, cuda or cuda:N."""
+    dtype: Dtype = "auto"
+    """Compute dtype of the blocks' forwards and of evaluation: auto is float32 on a CPU and the checkpoint's
+    half precision on a GPU; Hessians and solves stay float32. A run's compute dtype is part of its identity."""
     progress: bool = True
     """Show progress bars."""
 
     def __post_init__(self) -> None:
         if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ValueError(f"device must be cpu or cuda (or cuda:N), got {self.device!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
 
 
 @dataclass(frozen=True)

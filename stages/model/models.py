@@ -290,9 +290,26 @@ class SafetensorsIndex:
         return {n[len(prefix) :]: t for n, t in self.load(names, dtype, device).items()}
 
 
-def compute_dtype(device: str, model_dir: Path) -> torch.dtype:
-    """fp32 on the CPU; the checkpoint's own half precision on a GPU (Hessians stay fp32)."""
-    if device == "cpu":
+def compute_dtype(device: str, model_dir: Path, dtype: str = "auto", trust_remote_code: bool = False) -> torch.dtype:
+    """The dtype blocks run in: ``dtype`` unless "auto"; auto is fp32 on the CPU and the checkpoint's own half
+    precision on a GPU (fp16 when it has none). Hessians and solves stay fp32 whatever this is."""
+    if dtype != "auto":
+        if dtype == "float16" and torch.device(device).type == "cpu":
+            _warn_once(
+                "--dtype float16 on a CPU works but is slow (few CPUs have fast fp16 kernels); bfloat16 or "
+                "float32 are the CPU's choices"
+            )
+        return getattr(torch, dtype)
+    if torch.device(device).type == "cpu":
         return torch.float32
-    dtype = getattr(load_config(model_dir), "dtype", None) or torch.float16
-    return dtype if dtype in (torch.float16, torch.bfloat16) else torch.float16
+    own = getattr(load_config(model_dir, trust_remote_code), "dtype", None) or torch.float16
+    return own if own in (torch.float16, torch.bfloat16) else torch.float16
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _WARNED:
+        _WARNED.add(message)
+        log.warning(message)

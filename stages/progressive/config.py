@@ -171,6 +171,7 @@ class ProgressiveConfig(Tree):
             eval=EvalConfig(seqlen=self.eval.seqlen, windows=self.eval.windows, batch_size=self.eval.batch_size),
             runtime=PruneRuntime(
                 device=self.runtime.device,
+                dtype=self.runtime.dtype,
                 progress=self.runtime.progress,
                 batch_size=self.runtime.batch_size,
                 keep_acts=self.runtime.keep_acts,

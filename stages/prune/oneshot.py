@@ -20,9 +20,10 @@ from __future__ import annotations
 import logging
 import platform
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -49,7 +50,7 @@ from stages.model.capture import capture_inputs
 from stages.model.models import compute_dtype, load_config, load_tokenizer, max_positions, resolve_model
 from stages.prune.pruning import block_outlier_ratio, collect_hessians, prune_block
 from stages.run.memory import release_memory
-from stages.run.rundir import RunLock, init_run, prune_old, sweep_tmp, verify_record, write_record
+from stages.run.rundir import RunLock, check_run, init_run, prune_old, sweep_tmp, verify_record, write_record
 from stages.run.shards import ShardWriter, is_complete, read_shards
 from stages.run.timing import timed
 
@@ -64,6 +65,8 @@ class Run:
     root: Path
     model_dir: Path
     num_blocks: int
+    dtype: torch.dtype = torch.float32
+    """The compute dtype of the blocks (part of the run's identity)."""
 
     @property
     def tokens(self) -> Path:
@@ -101,8 +104,10 @@ def versions() -> dict[str, str]:
     return {"torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version()}
 
 
-def prepare(cfg: PruneConfig) -> Run:
-    """Resolve the model, check the run's settings against it, and create or check run.json."""
+def check(cfg: PruneConfig) -> tuple[Path, Skeleton, torch.dtype]:
+    """Refuse, before any work (and before the CLI starts Prefect), what the arguments, the model's config
+    and the files show to be wrong: the model, its blocks, seqlen against its positions, N:M against its
+    layers' widths, a GPU that is not there, a run directory holding another run. Writes nothing."""
     model_dir = resolve_model(cfg.model, trust_remote_code=cfg.trust_remote_code)
     limit = max_positions(load_config(model_dir, cfg.trust_remote_code))
     for name, seqlen in (("seqlen", cfg.calib.seqlen), ("eval_seqlen", cfg.eval_seqlen)):
@@ -115,9 +120,32 @@ def prepare(cfg: PruneConfig) -> Run:
         raise ValueError("--device cuda was asked for but torch sees no GPU; use --device cpu")
     sk = skeleton(model_dir, cfg.trust_remote_code)
     check_nm_fits(cfg, sk)
-    root = Path(cfg.run_dir)
-    init_run(root, cfg.identity(), versions(), upgrade=PruneConfig.upgrade, options=to_flat(cfg))
-    return Run(root=root, model_dir=model_dir, num_blocks=sk.num_blocks)
+    dtype = compute_dtype(cfg.runtime.device, model_dir, cfg.runtime.dtype, cfg.trust_remote_code)
+    check_run(cfg.run_dir, run_identity(cfg, dtype), upgrade=_upgrade(dtype))
+    return model_dir, sk, dtype
+
+
+def prepare(cfg: PruneConfig) -> Run:
+    """`check` the run's settings, then create or check run.json."""
+    model_dir, sk, dtype = check(cfg)
+    init_run(cfg.run_dir, run_identity(cfg, dtype), versions(), upgrade=_upgrade(dtype), options=to_flat(cfg))
+    return Run(root=Path(cfg.run_dir), model_dir=model_dir, num_blocks=sk.num_blocks, dtype=dtype)
+
+
+def run_identity(cfg: PruneConfig, dtype: torch.dtype) -> dict:
+    """The config's identity and the compute dtype it resolved to: activations on disk are in that dtype,
+    so a resume with another `--dtype` (or a device whose auto dtype differs) is refused."""
+    return {**cfg.identity(), "compute_dtype": str(dtype).removeprefix("torch.")}
+
+
+def _upgrade(dtype: torch.dtype) -> Callable[[Mapping[str, Any]], dict]:
+    """Today's identity of a stored config; runs from before the compute dtype was recorded keep this one."""
+
+    def upgrade(stored: Mapping[str, Any]) -> dict:
+        name = stored.get("compute_dtype", str(dtype).removeprefix("torch."))
+        return {**PruneConfig.upgrade({k: v for k, v in stored.items() if k != "compute_dtype"}), "compute_dtype": name}
+
+    return upgrade
 
 
 def check_nm_fits(cfg: PruneConfig, sk: Skeleton) -> None:
@@ -161,7 +189,7 @@ def capture(cfg: PruneConfig, run: Run, needed: bool = False) -> dict:
     ):
         return {"captured": False}
     ids = torch.from_numpy(read_tokens(run.tokens).astype(np.int64))
-    dtype = compute_dtype(cfg.runtime.device, run.model_dir)
+    dtype = run.dtype
     hidden, kwargs = capture_inputs(
         run.model_dir, ids, cfg.runtime.device, dtype, cfg.runtime.batch_size, cfg.trust_remote_code
     )
@@ -205,10 +233,12 @@ def ensure_acts(cfg: PruneConfig, run: Run, i: int) -> None:
     if start is None:
         capture(cfg, run, needed=True)
         start = 0
-    dtype, kwargs = compute_dtype(cfg.runtime.device, run.model_dir), _load_kwargs(run)
+    dtype, kwargs = run.dtype, _load_kwargs(run)
     for k in range(start, i):
         log.info("rebuilding activations of block %d from block %d", k + 1, k)
         _forward_to_shards(cfg, _load_pruned(cfg, run, k, dtype), run.acts(k), run.acts(k + 1), kwargs)
+        # boundaries walked through go as the rebuild proceeds: disk holds keep_acts of them, as in a straight run
+        prune_old([run.acts(j) for j in range(start, k + 2)], keep_last=cfg.runtime.keep_acts)
 
 
 def owl_allocation(cfg: PruneConfig, run: Run) -> list[float]:
@@ -219,7 +249,7 @@ def owl_allocation(cfg: PruneConfig, run: Run) -> list[float]:
     if done is not None:
         return done["sparsities"]
     ensure_acts(cfg, run, 0)
-    dtype, kwargs = compute_dtype(cfg.runtime.device, run.model_dir), _load_kwargs(run)
+    dtype, kwargs = run.dtype, _load_kwargs(run)
     x = read_shards(run.acts(0))
     hidden = torch.cat(list(x.iter_batches(cfg.runtime.batch_size)))  # dense activations, one boundary in memory
     ratios = []
@@ -244,10 +274,10 @@ def prune_one(cfg: PruneConfig, run: Run, i: int, sparsity: float) -> dict:
         return done
     t0 = time.perf_counter()
     ensure_acts(cfg, run, i)
-    dtype, kwargs = compute_dtype(cfg.runtime.device, run.model_dir), _load_kwargs(run)
+    dtype, kwargs = run.dtype, _load_kwargs(run)
     block = load_block(run.model_dir, i, cfg.runtime.device, dtype, cfg.trust_remote_code)
     acts = read_shards(run.acts(i))
-    prefix = f"{skeleton(run.model_dir).block_prefix(i)}"
+    prefix = f"{skeleton(run.model_dir, cfg.trust_remote_code).block_prefix(i)}"
     stats = prune_block(
         block,
         lambda: acts.iter_batches(cfg.runtime.batch_size, cfg.runtime.device),

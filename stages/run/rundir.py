@@ -201,6 +201,43 @@ def config_diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
     ]
 
 
+def check_run(
+    run_dir: Path | str,
+    config: Mapping[str, Any],
+    ignore: Iterable[str] = (),
+    upgrade: Callable[[Mapping[str, Any]], Mapping[str, Any]] | None = None,
+) -> bool:
+    """Whether `run_dir` already holds this run (True) or no run yet (False); writes nothing.
+
+    `upgrade` maps a stored config (written by this or an older version, e.g. a flat
+    one) onto today's identity before the comparison; a stored config it cannot read is
+    compared as it is. A run directory created with a different config raises
+    `RunError` listing the differences key by key.
+    """
+    run_dir = Path(run_dir)
+    path = run_dir / RUN_JSON
+    if not path.exists():
+        return False
+    try:
+        stored = json.loads(path.read_text(encoding="utf-8"))["config"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise RunError(
+            f"{path} is unreadable ({exc}); it was not written by this tool or was edited by hand: use a new --run-dir"
+        ) from exc
+    if upgrade is not None:
+        try:
+            stored = upgrade(stored)
+        except (ValueError, TypeError):
+            pass  # compared as stored: the differences below name what changed
+    if config_hash(stored, ignore) == config_hash(config, ignore):
+        return True
+    diff = config_diff(_identity(stored, ignore), _identity(config, ignore))
+    raise RunError(
+        f"run dir {run_dir} holds a run with different options: {'; '.join(diff)}. "
+        "Use a new --run-dir, or rerun with the run dir's options to resume it"
+    )
+
+
 def init_run(
     run_dir: Path | str,
     config: Mapping[str, Any],
@@ -209,40 +246,17 @@ def init_run(
     upgrade: Callable[[Mapping[str, Any]], Mapping[str, Any]] | None = None,
     options: Mapping[str, Any] | None = None,
 ) -> None:
-    """Create `run.json` for a new run, or check that a resumed run has the same config.
+    """Create `run.json` for a new run, or check that a resumed run has the same config (`check_run`).
 
-    Keys in `ignore` are stored but not part of the run's identity. `upgrade` maps a
-    stored config (written by this or an older version, e.g. a flat one) onto today's
-    identity before the comparison; a stored config it cannot read is compared as it is.
-    A run directory created with a different config raises `RunError` listing the
-    differences key by key. `options` (every option by its flat name, for `status` and
-    reports) is stored as written by the first run. Call it while holding the run's `RunLock`.
+    Keys in `ignore` are stored but not part of the run's identity. `options` (every
+    option by its flat name, for `status` and reports) is stored as written by the
+    first run. Call it while holding the run's `RunLock`.
     """
-    run_dir = Path(run_dir)
     ignore = sorted(set(ignore))
-    path = run_dir / RUN_JSON
-    if path.exists():
-        try:
-            stored = json.loads(path.read_text(encoding="utf-8"))["config"]
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise RunError(
-                f"{path} is unreadable ({exc}); it was not written by this tool or was "
-                "edited by hand: use a new --run-dir"
-            ) from exc
-        if upgrade is not None:
-            try:
-                stored = upgrade(stored)
-            except (ValueError, TypeError):
-                pass  # compared as stored: the differences below name what changed
-        if config_hash(stored, ignore) == config_hash(config, ignore):
-            return
-        diff = config_diff(_identity(stored, ignore), _identity(config, ignore))
-        raise RunError(
-            f"run dir {run_dir} holds a run with different options: {'; '.join(diff)}. "
-            "Use a new --run-dir, or rerun with the run dir's options to resume it"
-        )
+    if check_run(run_dir, config, ignore, upgrade):
+        return
     atomic_write_json(
-        path,
+        Path(run_dir) / RUN_JSON,
         {
             "config": dict(config),
             **({"options": dict(options)} if options is not None else {}),

@@ -104,6 +104,9 @@ def test_command_line_builds_the_tree():
     assert (prog.runtime.rounds_per_run, prog.runtime.checkpoint_every) == (1, 5)
     with pytest.raises(SystemExit):  # a choice outside the Literal
         parse("prune", ["m", "--run-dir", "r", "--method", "obs"])
+    assert parse("eval", ["m", "--eval", "pydoc", "--dtype", "bfloat16"]).runtime.dtype == "bfloat16"
+    with pytest.raises(SystemExit):
+        parse("eval", ["m", "--eval", "pydoc", "--dtype", "int8"])
     with pytest.raises(SystemExit):  # solver options a progressive run does not take
         parse("progressive", ["m", "--run-dir", "p", "--wbits", "4"])
 

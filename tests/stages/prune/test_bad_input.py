@@ -14,6 +14,7 @@ import json
 import logging
 import re
 import shutil
+import sys
 from pathlib import Path
 
 import pyarrow as pa
@@ -107,6 +108,34 @@ def test_cli_rejects_bad_options_in_one_line(tiny_llama_dir, tmp_path, capsys, o
     assert out == ""
     assert re.search(expected, err), err
     assert not run_dir.exists()  # nothing started: the corrected command can use the same run dir
+
+
+@pytest.mark.parametrize(
+    ("model", "options", "expected"),
+    [
+        ("missing", [], r"model path .*nope does not exist; pass an existing directory"),
+        ("llama", ["--seqlen", "100"], r"seqlen 100 is beyond the model's 64 positions; use --seqlen 64 or less"),
+        ("llama", ["--nm", "2:5", "--blocksize", "20"], r"--nm 2:5 does not fit layer model\.layers\.0"),
+        ("other-run", [], r"holds a run with different options: calib\.nsamples: 7 \(run dir\) != 6"),
+    ],
+    ids=["missing-model", "seqlen-too-long", "nm-width", "run-dir-of-another-run"],
+)
+def test_cli_checks_the_model_and_run_dir_before_prefect_starts(
+    tiny_llama_dir, tmp_path, capsys, monkeypatch, model, options, expected
+) -> None:
+    """What the model's files and the run directory show is refused by `check` in the CLI process,
+    before the flow module (and so Prefect's server) is imported."""
+    run_dir = tmp_path / "run"
+    if model == "other-run":
+        prepare(tiny_cfg(tiny_llama_dir, run_dir, nsamples=7))
+    before = (run_dir / "run.json").read_bytes() if run_dir.exists() else None
+    monkeypatch.delitem(sys.modules, "flows.oneshot", raising=False)
+    path = tmp_path / "nope" if model == "missing" else tiny_llama_dir
+    code = main(["prune", str(path), "--run-dir", str(run_dir), "--nsamples", "6", "--seqlen", "32", *options])
+    out, err = capsys.readouterr()
+    assert code == 2 and out == "" and err.count("\n") == 1 and re.search(expected, err), err
+    assert "flows.oneshot" not in sys.modules
+    assert (run_dir / "run.json").read_bytes() == before if before else not run_dir.exists()
 
 
 @pytest.mark.parametrize(

@@ -126,6 +126,27 @@ def test_missing_activations_are_rebuilt_identically(tiny_llama_dir, tmp_path):
     assert all(torch.equal(first[k], again[k]) for k in first)
 
 
+def test_rebuilt_activations_keep_disk_to_keep_acts_boundaries(tiny_llama_dir, tmp_path, monkeypatch):
+    """Rebuilding boundaries through several blocks deletes the walked ones as it goes."""
+    import stages.prune.oneshot as oneshot
+
+    cfg = tiny_cfg(tiny_llama_dir, tmp_path / "run")
+    run = run_pipeline(cfg)
+    run.block_record(2).unlink()
+    (run.root / "model.json").unlink()
+    for b in ("block_002", "block_003"):
+        shutil.rmtree(run.root / "acts" / b)  # block 2 must be redone from recaptured inputs: 0 -> 1 -> 2
+    on_disk, real = [], oneshot._forward_to_shards
+
+    def spy(cfg, block, src, dst, kwargs):
+        on_disk.append(sorted(p.name for p in (run.root / "acts").iterdir() if p.is_dir()))
+        return real(cfg, block, src, dst, kwargs)
+
+    monkeypatch.setattr(oneshot, "_forward_to_shards", spy)
+    run_pipeline(cfg)
+    assert on_disk == [["block_000"], ["block_000", "block_001"], ["block_001", "block_002"]]
+
+
 def test_old_activations_are_deleted(tiny_llama_dir, tmp_path):
     run = run_pipeline(tiny_cfg(tiny_llama_dir, tmp_path / "run"))
     kept = sorted(p.name for p in (run.root / "acts").iterdir() if p.is_dir())
@@ -183,3 +204,29 @@ def test_run_directory_of_the_flat_config_resumes(tiny_llama_dir, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(RunError, match=r"calib\.nsamples: 6 \(run dir\) != 7"):
         run_pipeline(cfg.updated(nsamples=7))
+
+
+def test_bfloat16_run_end_to_end_and_its_dtype_is_part_of_the_identity(tiny_model_dir, tmp_path):
+    """The half-precision path a GPU takes, on the CPU: blocks, activations and evaluation in bf16 (Hessians
+    and solves in fp32); the result is close to the fp32 run's, and a resume in another dtype is refused."""
+    from stages.evaluate.evaluate import blockwise_perplexity
+    from stages.evaluate.perplexity import eval_windows
+    from stages.model.models import load_tokenizer
+    from stages.run.shards import read_shards
+
+    half = run_pipeline(tiny_cfg(tiny_model_dir, tmp_path / "bf16", dtype="bfloat16"))
+    full = run_pipeline(tiny_cfg(tiny_model_dir, tmp_path / "fp32"))
+    assert half.dtype == torch.bfloat16 and full.dtype == torch.float32
+    assert read_shards(half.acts(half.num_blocks)).dtype == torch.bfloat16
+    meta = json.loads((half.root / "run.json").read_text())
+    assert meta["config"]["compute_dtype"] == "bfloat16" and meta["options"]["dtype"] == "bfloat16"
+    a, b = model_tensors(half.model), model_tensors(full.model)
+    assert a.keys() == b.keys()
+    pruned = [n for n, W in b.items() if W.dim() == 2 and (W == 0).float().mean() > 0.4]  # the block linears
+    assert pruned and all((a[n] == 0).float().mean().item() == pytest.approx(0.5, abs=0.02) for n in pruned)
+    ids = eval_windows(load_tokenizer(half.model), "pydoc", 32, 4)
+    ppl_half = blockwise_perplexity(half.model, ids, "cpu", torch.bfloat16).ppl
+    ppl_full = blockwise_perplexity(full.model, ids, "cpu", torch.float32).ppl
+    assert ppl_half == pytest.approx(ppl_full, rel=0.05)
+    with pytest.raises(RunError, match=r"compute_dtype: \"bfloat16\" \(run dir\) != \"float32\" \(this command\)"):
+        run_pipeline(tiny_cfg(tiny_model_dir, tmp_path / "bf16"))  # auto on a CPU is float32
