@@ -231,9 +231,36 @@ def load_block(
     return block.eval()
 
 
-def save_block(path: PathLike, block_state_dict: dict[str, torch.Tensor]) -> None:
-    """Write a block's state dict (block-relative names) to a safetensors file, atomically."""
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in block_state_dict.items()}
+def stored_dtypes(model_dir: PathLike, i: int, trust_remote_code: bool = False) -> dict[str, torch.dtype]:
+    """The dtype each tensor of block `i` has in the checkpoint (block-relative names; headers only)."""
+    return SafetensorsIndex.open(model_dir).stored_dtypes(skeleton(model_dir, trust_remote_code).block_prefix(i))
+
+
+@torch.no_grad()
+def round_to_stored(block: nn.Module, dtypes: dict[str, torch.dtype]) -> None:
+    """Round each floating tensor of `block` through its checkpoint dtype, in place (e.g. fp32 -> bf16 -> fp32).
+
+    Then the block computes exactly what it will compute once saved in the checkpoint's dtype, so
+    activations written now equal those a resumed run rebuilds from the saved block.
+    """
+    for name, t in block.state_dict(keep_vars=True).items():
+        stored = dtypes.get(name)
+        if stored is not None and t.is_floating_point() and stored.is_floating_point and stored != t.dtype:
+            t.data.copy_(t.data.to(stored))
+
+
+def save_block(
+    path: PathLike, block_state_dict: dict[str, torch.Tensor], dtypes: dict[str, torch.dtype] | None = None
+) -> None:
+    """Write a block's state dict (block-relative names) to a safetensors file, atomically; floating tensors
+    named in `dtypes` are stored in that dtype (the checkpoint's, so blocks/ costs what the model costs)."""
+    dtypes = dtypes or {}
+    tensors = {}
+    for k, v in block_state_dict.items():
+        v = v.detach().to("cpu")
+        if k in dtypes and v.is_floating_point() and dtypes[k].is_floating_point:
+            v = v.to(dtypes[k])
+        tensors[k] = v.contiguous()
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata={"format": "pt"})
 

@@ -282,12 +282,36 @@ class SafetensorsIndex:
                     out[name] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
         return out
 
+    def stored_dtypes(self, prefix: str) -> dict[str, torch.dtype]:
+        """The dtype each tensor whose name starts with `prefix` has on disk (headers only), keyed by the rest."""
+        out: dict[str, torch.dtype] = {}
+        for file in sorted({f for n, f in self.weight_map.items() if n.startswith(prefix)}):
+            with safe_open(self.root / file, framework="pt") as f:
+                for name in f.keys():
+                    if name.startswith(prefix):
+                        out[name[len(prefix) :]] = _SAFETENSORS_DTYPES[f.get_slice(name).get_dtype()]
+        return out
+
     def load_tensors(
         self, prefix: str, dtype: torch.dtype | None = None, device: torch.device | str = "cpu"
     ) -> dict[str, torch.Tensor]:
         """Load the tensors whose names start with `prefix`, keyed by the rest of the name."""
         names = [n for n in self.weight_map if n.startswith(prefix)]
         return {n[len(prefix) :]: t for n, t in self.load(names, dtype, device).items()}
+
+
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
 
 
 def compute_dtype(device: str, model_dir: Path, dtype: str = "auto", trust_remote_code: bool = False) -> torch.dtype:

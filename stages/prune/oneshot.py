@@ -40,11 +40,13 @@ from stages.model.blocks import (
     get_weight,
     load_block,
     load_layer_kwargs,
+    round_to_stored,
     run_block,
     save_block,
     save_layer_kwargs,
     shared_meta_model,
     skeleton,
+    stored_dtypes,
 )
 from stages.model.capture import capture_inputs
 from stages.model.models import compute_dtype, load_config, load_tokenizer, max_positions, resolve_model
@@ -286,8 +288,10 @@ def prune_one(cfg: PruneConfig, run: Run, i: int, sparsity: float) -> dict:
         sparsity,
         prefix,
     )
+    stored = stored_dtypes(run.model_dir, i, cfg.trust_remote_code)
+    round_to_stored(block, stored)  # the next block's inputs are what the saved (checkpoint-dtype) block gives
     _forward_to_shards(cfg, block, run.acts(i), run.acts(i + 1), kwargs)
-    save_block(run.block_file(i), block.state_dict())
+    save_block(run.block_file(i), block.state_dict(), stored)
     payload = {"block": i, "seconds": time.perf_counter() - t0, "layers": {k: asdict(v) for k, v in stats.items()}}
     record = write_record(run.block_record(i), payload, [run.block_file(i)])
     prune_old(run.root / "acts", "block_*", keep_last=cfg.runtime.keep_acts)

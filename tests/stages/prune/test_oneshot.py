@@ -230,3 +230,28 @@ def test_bfloat16_run_end_to_end_and_its_dtype_is_part_of_the_identity(tiny_mode
     assert ppl_half == pytest.approx(ppl_full, rel=0.05)
     with pytest.raises(RunError, match=r"compute_dtype: \"bfloat16\" \(run dir\) != \"float32\" \(this command\)"):
         run_pipeline(tiny_cfg(tiny_model_dir, tmp_path / "bf16"))  # auto on a CPU is float32
+
+
+def test_bfloat16_checkpoint_keeps_its_dtype_in_blocks_and_resumes_identically(tiny_llama_dir, tmp_path):
+    """A bf16 checkpoint pruned in fp32: blocks/ holds bf16 (half the bytes), the output is bf16, and the
+    next block's inputs come from the bf16-rounded block, so boundaries rebuilt from blocks/ are identical."""
+    from safetensors import safe_open
+
+    from tests.conftest import tiny_tokenizer
+
+    ckpt = tmp_path / "bf16-ckpt"
+    AutoModelForCausalLM.from_pretrained(tiny_llama_dir).to(torch.bfloat16).save_pretrained(ckpt)
+    tiny_tokenizer().save_pretrained(ckpt)
+    cfg = tiny_cfg(ckpt, tmp_path / "run")
+    run = run_pipeline(cfg)
+    with safe_open(run.block_file(1), framework="pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
+    first = model_tensors(run.model)
+    assert {t.dtype for t in first.values()} == {torch.bfloat16}
+    for i in (1, 2):
+        run.block_record(i).unlink()
+    shutil.rmtree(run.root / "acts")  # recapture, then replay block 0 from its saved bf16 weights
+    (run.root / "model.json").unlink()
+    run_pipeline(cfg)
+    again = model_tensors(run.model)
+    assert all(torch.equal(first[k], again[k]) for k in first)
