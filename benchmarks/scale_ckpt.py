@@ -83,12 +83,14 @@ def tokenizer_ids(tok_dir: Path) -> dict[str, int]:
     return ids
 
 
-def build_config(shape: str, blocks: int | None = None, tok_dir: Path | None = None) -> PretrainedConfig:
-    """`shape`'s real config (first `blocks` decoder blocks if given) with the tokenizer's vocab and ids."""
+def build_config(shape: str, blocks: int | None = None, tok_dir: Path | None = None,
+                 overrides: dict | None = None) -> PretrainedConfig:
+    """`shape`'s real config (first `blocks` decoder blocks if given) with the tokenizer's vocab and ids;
+    `overrides` replaces fields (tests use small widths)."""
     if shape not in SHAPES:
         raise ValueError(f"unknown shape {shape!r}; choose one of {', '.join(SHAPES)}")
     cls, fields = SHAPES[shape]
-    fields = dict(fields, **tokenizer_ids(tok_dir or tokenizer_dir()))
+    fields = {**fields, **tokenizer_ids(tok_dir or tokenizer_dir()), **(overrides or {})}
     if blocks is not None:
         if not 1 <= blocks <= fields["num_hidden_layers"]:
             raise ValueError(f"--blocks must be 1..{fields['num_hidden_layers']} for {shape}, got {blocks}")
@@ -160,8 +162,9 @@ def write_shard(path: Path, entries: list[tuple[str, tuple[int, ...]]], seed: in
     return path.stat().st_size
 
 
-def _identity(shape: str, blocks: int | None, seed: int, shard_bytes: int) -> dict:
-    return {"format": FORMAT, "shape": shape, "blocks": blocks, "seed": seed, "shard_bytes": shard_bytes}
+def _identity(shape: str, blocks: int | None, seed: int, shard_bytes: int, overrides: dict | None) -> dict:
+    return {"format": FORMAT, "shape": shape, "blocks": blocks, "seed": seed, "shard_bytes": shard_bytes,
+            "overrides": overrides or {}}
 
 
 def reusable(out: Path, identity: dict) -> dict | None:
@@ -182,9 +185,12 @@ def _ours(name: str) -> bool:
     )
 
 
-def write_checkpoint(shape: str, out: Path, blocks: int | None = None, shard_gib: float = 4.0, seed: int = 0) -> dict:
-    """Write (or reuse) the random-init checkpoint of `shape` in `out`; return its marker."""
-    identity = _identity(shape, blocks, seed, int(shard_gib * (1 << 30)))
+def write_checkpoint(shape: str, out: Path, blocks: int | None = None, shard_gib: float = 4.0, seed: int = 0,
+                     overrides: dict | None = None, tok_dir: Path | None = None) -> dict:
+    """Write (or reuse) the random-init checkpoint of `shape` in `out`; return its marker ("reused": bool).
+
+    `tok_dir` (default: the embedded SmolLM2's folder) supplies the tokenizer files."""
+    identity = _identity(shape, blocks, seed, int(shard_gib * (1 << 30)), overrides)
     done = reusable(out, identity)
     if done is not None:
         return {**done, "reused": True}
@@ -193,8 +199,8 @@ def write_checkpoint(shape: str, out: Path, blocks: int | None = None, shard_gib
         raise ValueError(f"{out} holds files a scale checkpoint does not ({foreign[:3]}); choose another --work")
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
-    tok = tokenizer_dir()
-    cfg = build_config(shape, blocks, tok)
+    tok = tok_dir or tokenizer_dir()
+    cfg = build_config(shape, blocks, tok, overrides)
     model = meta_model(cfg)
     cfg.architectures = [type(model).__name__]
     shards = plan_shards(tensor_layout(model), identity["shard_bytes"])
