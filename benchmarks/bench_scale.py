@@ -44,9 +44,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks import scale_model as sm  # noqa: E402
-from benchmarks.scale_ckpt import SHAPES, build_config  # noqa: E402
-from benchmarks.scale_monitor import Measured, dir_bytes, run_measured  # noqa: E402
+from benchmarks import scale_model as sm
+from benchmarks.scale_ckpt import SHAPES, build_config
+from benchmarks.scale_monitor import Measured, dir_bytes, run_measured
 
 GIB = 1 << 30
 STAGES = ("prune", "eval", "tasks")

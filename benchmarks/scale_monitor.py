@@ -12,7 +12,8 @@ every `interval` seconds from /proc, and the size of `watch` (allocated blocks, 
   then (orphans) add their last sample. rchar/wchar count read()/write() calls (page cache
   hits included, memory-mapped reads such as safetensors' not at all); read_bytes and
   write_bytes count what reached the block device.
-Used by bench_scale.py; Linux only.
+The child and its descendants get oom_score_adj 1000: when memory runs out, the kernel
+kills the measured command first, not a bystander. Used by bench_scale.py; Linux only.
 """
 
 from __future__ import annotations
@@ -143,12 +144,18 @@ class _Sampler(threading.Thread):
             self.stop.wait(self.interval)
 
 
+def _first_to_die() -> None:
+    """In the child before exec: make it the OOM killer's first choice (inherited by its children)."""
+    with open("/proc/self/oom_score_adj", "w") as f:
+        f.write("1000")
+
+
 def run_measured(cmd: list[str], cwd: Path, env: dict[str, str], log: Path, watch: Path | None = None,
                  interval: float = 0.25, du_every: float = 1.0) -> Measured:
     """Run `cmd` (stdout and stderr to `log`) and measure it; never raises on the command's failure."""
     t0 = time.perf_counter()
     with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, preexec_fn=_first_to_die)
     sampler = _Sampler(proc.pid, watch, interval, du_every)
     sampler.start()
     os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOWAIT)  # a zombie now: its io holds its reaped children's
