@@ -50,9 +50,16 @@ from benchmarks.scale_monitor import Measured, dir_bytes, run_measured
 
 GIB = 1 << 30
 STAGES = ("prune", "eval", "tasks")
-TASK_FILES = {"piqa": "piqa_valid.jsonl", "arc_easy": "ARC-Easy-Dev.jsonl", "arc_challenge": "ARC-Easy-Dev.jsonl",
-              "hellaswag": "hellaswag_val_6lines.txt", "winogrande": "winogrande_dev.jsonl",
-              "boolq": "boolq_dev.jsonl", "lambada": "lambada_test.jsonl", "storycloze": "storycloze_val_spring2016.csv"}
+TASK_FILES = {
+    "piqa": "piqa_valid.jsonl",
+    "arc_easy": "ARC-Easy-Dev.jsonl",
+    "arc_challenge": "ARC-Easy-Dev.jsonl",
+    "hellaswag": "hellaswag_val_6lines.txt",
+    "winogrande": "winogrande_dev.jsonl",
+    "boolq": "boolq_dev.jsonl",
+    "lambada": "lambada_test.jsonl",
+    "storycloze": "storycloze_val_spring2016.csv",
+}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -81,8 +88,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def child_env(args: argparse.Namespace) -> dict[str, str]:
-    env = dict(os.environ, PYTHONPATH=str(ROOT), TOKENIZERS_PARALLELISM="false",
-               PREFECT_HOME=str(args.work / "prefect-home"))
+    env = dict(
+        os.environ, PYTHONPATH=str(ROOT), TOKENIZERS_PARALLELISM="false", PREFECT_HOME=str(args.work / "prefect-home")
+    )
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         env[var] = str(args.threads)
     return env
@@ -117,12 +125,36 @@ def commands(args: argparse.Namespace, ckpt: Path, run_dir: Path) -> dict[str, l
     model = str(run_dir / "model") if args.eval_model == "pruned" else str(ckpt)
     tasks = task_specs(args)
     return {
-        "prune": [*cli, "prune", str(ckpt), "--run-dir", str(run_dir), "--sparsity", "0.5", "--calib", "pydoc",
-                  "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--no-progress",
-                  *shlex.split(args.prune_args)],
-        "eval": [*cli, "eval", model, "--eval", "pydoc", "--seqlen", str(args.seqlen),
-                 "--eval-windows", str(args.eval_windows)],
-        "tasks": [*cli, "eval", model, "--tasks", tasks, "--limit", str(args.limit)] if tasks
+        "prune": [
+            *cli,
+            "prune",
+            str(ckpt),
+            "--run-dir",
+            str(run_dir),
+            "--sparsity",
+            "0.5",
+            "--calib",
+            "pydoc",
+            "--nsamples",
+            str(args.nsamples),
+            "--seqlen",
+            str(args.seqlen),
+            "--no-progress",
+            *shlex.split(args.prune_args),
+        ],
+        "eval": [
+            *cli,
+            "eval",
+            model,
+            "--eval",
+            "pydoc",
+            "--seqlen",
+            str(args.seqlen),
+            "--eval-windows",
+            str(args.eval_windows),
+        ],
+        "tasks": [*cli, "eval", model, "--tasks", tasks, "--limit", str(args.limit)]
+        if tasks
         else f"skipped: no task samples at {args.task_samples} (give --task-samples DIR)",
     }
 
@@ -133,10 +165,14 @@ def print_stage(name: str, m: Measured, ckpt_bytes: int, log: Path) -> None:
     print(f"[{name}] {status}")
     print(f"  wall {m.wall_s:.1f} s | peak RSS tree {gib(m.peak_rss_tree)}, largest process {gib(m.peak_rss_max)}")
     if m.disk_peak:
-        print(f"  run dir on disk: peak {gib(m.disk_peak)}, end {gib(m.disk_end)}; checkpoint {gib(ckpt_bytes)}, "
-              f"peak/checkpoint {m.disk_peak / ckpt_bytes:.2f}")
-    print(f"  read {gib(io.get('read_bytes', 0))} from disk, {gib(io.get('rchar', 0))} by read() | written "
-          f"{gib(io.get('write_bytes', 0))} to disk, {gib(io.get('wchar', 0))} by write() | hashed n/a (not instrumented)")
+        print(
+            f"  run dir on disk: peak {gib(m.disk_peak)}, end {gib(m.disk_end)}; checkpoint {gib(ckpt_bytes)}, "
+            f"peak/checkpoint {m.disk_peak / ckpt_bytes:.2f}"
+        )
+    print(
+        f"  read {gib(io.get('read_bytes', 0))} from disk, {gib(io.get('rchar', 0))} by read() | written "
+        f"{gib(io.get('write_bytes', 0))} to disk, {gib(io.get('wchar', 0))} by write() | hashed n/a (not instrumented)"
+    )
     if m.failure is not None:
         tail = log.read_text(errors="replace").strip().splitlines()[-3:]
         print("  log tail: " + "\n            ".join(tail))
@@ -164,53 +200,96 @@ def calibration(args: argparse.Namespace, run_dir: Path, m: Measured) -> None:
     pred = fig["per_block_s"]
     seconds = [r["seconds"] for r in records]
     solve = [sum(v["seconds"] for v in r["layers"].values()) for r in records]
-    print(f"calibration: this CPU, {args.threads} thread(s), measured now: fp32 matmul {rates['fp32_flops'] / 1e9:.0f} "
-          f"GFLOP/s, Hessian inverse {rates['fact_flops'] / 1e9:.0f} GFLOP/s, OBS loop {rates['column_s'] * 1e6:.1f} us/column"
-          f" + {rates['elem_s'] * 1e9:.0f} ns/weight, sha256 {rates['sha_bps'] / 1e9:.2f} GB/s")
-    print(f"  per block: measured {sum(seconds) / len(seconds):.1f} s (min {min(seconds):.1f}, max {max(seconds):.1f}) "
-          f"vs model {sum(pred.values()):.1f} s; solves measured {sum(solve) / len(solve):.1f} s vs model {pred['solve']:.1f} s")
+    print(
+        f"calibration: this CPU, {args.threads} thread(s), measured now: fp32 matmul {rates['fp32_flops'] / 1e9:.0f} "
+        f"GFLOP/s, Hessian inverse {rates['fact_flops'] / 1e9:.0f} GFLOP/s, OBS loop {rates['column_s'] * 1e6:.1f} us/column"
+        f" + {rates['elem_s'] * 1e9:.0f} ns/weight, sha256 {rates['sha_bps'] / 1e9:.2f} GB/s"
+    )
+    print(
+        f"  per block: measured {sum(seconds) / len(seconds):.1f} s (min {min(seconds):.1f}, max {max(seconds):.1f}) "
+        f"vs model {sum(pred.values()):.1f} s; solves measured {sum(solve) / len(solve):.1f} s vs model {pred['solve']:.1f} s"
+    )
     print("  model by cause: " + ", ".join(f"{k} {v:.1f} s" for k, v in pred.items()))
-    print(f"  stage: wall {m.wall_s:.0f} s vs model {fig['wall_s']:.0f} s (blocks + assembly; no start-up, capture) | "
-          f"run dir peak {gib(m.disk_peak)} vs model {gib(fig['disk_run_bytes'])} | written {gib(m.io.get('wchar', 0))} "
-          f"vs model {gib(fig['written_bytes'])} | hashed: model {gib(fig['hashed_bytes'])} | peak RSS "
-          f"{gib(m.peak_rss_max)} vs model working set {gib(fig['device_bytes'])} + interpreter and libraries")
+    print(
+        f"  stage: wall {m.wall_s:.0f} s vs model {fig['wall_s']:.0f} s (blocks + assembly; no start-up, capture) | "
+        f"run dir peak {gib(m.disk_peak)} vs model {gib(fig['disk_run_bytes'])} | written {gib(m.io.get('wchar', 0))} "
+        f"vs model {gib(fig['written_bytes'])} | hashed: model {gib(fig['hashed_bytes'])} | peak RSS "
+        f"{gib(m.peak_rss_max)} vs model working set {gib(fig['device_bytes'])} + interpreter and libraries"
+    )
 
 
 def projection(args: argparse.Namespace) -> None:
     g, h = sm.GPUS[args.gpu], sm.HOST
-    print(f"\nprojection at 128 x 2048 calibration tokens on one {args.gpu} (model and table: benchmarks/scale_model.py;"
-          f" assumed {g['half_tflops']:.0f} TFLOP/s half, {g['fp32_tflops']} fp32, x{sm.EFFICIENCY} efficiency, "
-          f"{sm.GPU_COLUMN_S * 1e6:.0f} us/column; host {h['ram_gib']} GiB RAM, {h['disk_gib']} GiB disk at "
-          f"{h['disk_gbps']} GB/s, PCIe {h['pcie_gbps']} GB/s, sha256 {h['sha_gbps']} GB/s; budget {h['time_budget_h']:.0f} h)")
-    print(f"{'model':<11} {'stage':<6} {'wall':>7} {'GPU mem':>9} {'host RAM':>9} {'run dir':>9} {'ckpt':>8} "
-          f"{'read':>9} {'written':>9} {'hashed':>9}  runs out first")
+    print(
+        f"\nprojection at 128 x 2048 calibration tokens on one {args.gpu} (model and table: benchmarks/scale_model.py;"
+        f" assumed {g['half_tflops']:.0f} TFLOP/s half, {g['fp32_tflops']} fp32, x{sm.EFFICIENCY} efficiency, "
+        f"{sm.GPU_COLUMN_S * 1e6:.0f} us/column; host {h['ram_gib']} GiB RAM, {h['disk_gib']} GiB disk at "
+        f"{h['disk_gbps']} GB/s, PCIe {h['pcie_gbps']} GB/s, sha256 {h['sha_gbps']} GB/s; budget {h['time_budget_h']:.0f} h)"
+    )
+    print(
+        f"{'model':<11} {'stage':<6} {'wall':>7} {'GPU mem':>9} {'host RAM':>9} {'run dir':>9} {'ckpt':>8} "
+        f"{'read':>9} {'written':>9} {'hashed':>9}  runs out first"
+    )
     for name, (cls, fields, layers) in sm.PROJECTED.items():
         shape = sm.shape_of(cls(**fields, num_hidden_layers=layers))
         rates = sm.gpu_rates(args.gpu)
-        figs = {"prune": sm.project_prune(shape, rates, 2, 128, 2048), "eval": sm.project_eval(shape, rates, 2, 128, 2048),
-                "tasks": sm.project_tasks(shape, 2)}
+        figs = {
+            "prune": sm.project_prune(shape, rates, 2, 128, 2048),
+            "eval": sm.project_eval(shape, rates, 2, 128, 2048),
+            "tasks": sm.project_tasks(shape, 2),
+        }
         for stage, f in figs.items():
             wall = f"{f['wall_s'] / 3600:.2f} h" if f["wall_s"] is not None else "n/a"
-            cols = [f[k] / GIB for k in ("device_bytes", "host_bytes", "disk_run_bytes", "ckpt_bytes", "read_bytes",
-                                         "written_bytes", "hashed_bytes")]
-            print(f"{name:<11} {stage:<6} {wall:>7} " + " ".join(f"{c:>8.1f}G" for c in cols[:4]) + " "
-                  + " ".join(f"{c:>8.0f}G" for c in cols[4:]) + f"  {sm.binding(f, args.gpu)}")
+            cols = [
+                f[k] / GIB
+                for k in (
+                    "device_bytes",
+                    "host_bytes",
+                    "disk_run_bytes",
+                    "ckpt_bytes",
+                    "read_bytes",
+                    "written_bytes",
+                    "hashed_bytes",
+                )
+            ]
+            print(
+                f"{name:<11} {stage:<6} {wall:>7} "
+                + " ".join(f"{c:>8.1f}G" for c in cols[:4])
+                + " "
+                + " ".join(f"{c:>8.0f}G" for c in cols[4:])
+                + f"  {sm.binding(f, args.gpu)}"
+            )
         per = figs["prune"]["per_block_s"]
-        print(f"{'':<11} per block: " + ", ".join(f"{k} {v:.1f} s" for k, v in per.items())
-              + f"; boundary {gib(figs['prune']['boundary_bytes'])}; output dtype = input's (assemble keeps it)")
+        print(
+            f"{'':<11} per block: "
+            + ", ".join(f"{k} {v:.1f} s" for k, v in per.items())
+            + f"; boundary {gib(figs['prune']['boundary_bytes'])}; output dtype = input's (assemble keeps it)"
+        )
 
 
 def write_ckpt(args: argparse.Namespace, ckpt: Path, env: dict[str, str]) -> int:
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "scale_ckpt.py"), "--shape", args.shape, "--out", str(ckpt),
-           "--shard-gib", str(args.shard_gib), "--no-load-check", *(["--blocks", str(args.blocks)] if args.blocks else [])]
+    cmd = [
+        sys.executable,
+        str(ROOT / "benchmarks" / "scale_ckpt.py"),
+        "--shape",
+        args.shape,
+        "--out",
+        str(ckpt),
+        "--shard-gib",
+        str(args.shard_gib),
+        "--no-load-check",
+        *(["--blocks", str(args.blocks)] if args.blocks else []),
+    ]
     log = args.work / "logs" / f"{ckpt.name}-ckpt.log"
     m = run_measured(cmd, ROOT, env, log, watch=ckpt)
     if m.failure is not None:
         sys.exit(f"writing the checkpoint failed ({m.failure}); see {log}")
     reused = "(reused)" in log.read_text()
     size = dir_bytes(ckpt)
-    print(f"[checkpoint] {ckpt}: {gib(size)}, {'reused' if reused else 'written'} in {m.wall_s:.1f} s, "
-          f"peak RSS {gib(m.peak_rss_max)}, written to disk {gib(m.io.get('write_bytes', 0))}")
+    print(
+        f"[checkpoint] {ckpt}: {gib(size)}, {'reused' if reused else 'written'} in {m.wall_s:.1f} s, "
+        f"peak RSS {gib(m.peak_rss_max)}, written to disk {gib(m.io.get('write_bytes', 0))}"
+    )
     return size
 
 
@@ -219,9 +298,14 @@ def main(argv: list[str] | None = None) -> int:
     (args.work / "logs").mkdir(parents=True, exist_ok=True)
     env = child_env(args)
     tag = f"{args.shape}-b{args.blocks}" if args.blocks else f"{args.shape}-full"
-    ckpt, run_dir = args.work / "ckpt" / tag, args.work / "runs" / (tag + "".join(shlex.split(args.prune_args)).replace(":", "-"))
-    print(f"{args.shape} ({build_config(args.shape, args.blocks).num_hidden_layers} blocks), stages {args.stages}, "
-          f"{args.threads} thread(s), checkout {ROOT}")
+    ckpt, run_dir = (
+        args.work / "ckpt" / tag,
+        args.work / "runs" / (tag + "".join(shlex.split(args.prune_args)).replace(":", "-")),
+    )
+    print(
+        f"{args.shape} ({build_config(args.shape, args.blocks).num_hidden_layers} blocks), stages {args.stages}, "
+        f"{args.threads} thread(s), checkout {ROOT}"
+    )
     ckpt_bytes = write_ckpt(args, ckpt, env)
     cmds = commands(args, ckpt, run_dir)
     for name in args.stages.split(","):

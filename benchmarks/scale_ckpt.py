@@ -63,7 +63,7 @@ SHAPES: dict[str, tuple[type[PretrainedConfig], dict]] = {
 
 def tokenizer_dir() -> Path:
     """The embedded SmolLM2-135M folder, whose tokenizer every scale checkpoint carries."""
-    from stages.models import resolve_model
+    from stages.model.models import resolve_model
 
     return resolve_model("smollm2-135m")
 
@@ -83,8 +83,9 @@ def tokenizer_ids(tok_dir: Path) -> dict[str, int]:
     return ids
 
 
-def build_config(shape: str, blocks: int | None = None, tok_dir: Path | None = None,
-                 overrides: dict | None = None) -> PretrainedConfig:
+def build_config(
+    shape: str, blocks: int | None = None, tok_dir: Path | None = None, overrides: dict | None = None
+) -> PretrainedConfig:
     """`shape`'s real config (first `blocks` decoder blocks if given) with the tokenizer's vocab and ids;
     `overrides` replaces fields (tests use small widths)."""
     if shape not in SHAPES:
@@ -163,8 +164,14 @@ def write_shard(path: Path, entries: list[tuple[str, tuple[int, ...]]], seed: in
 
 
 def _identity(shape: str, blocks: int | None, seed: int, shard_bytes: int, overrides: dict | None) -> dict:
-    return {"format": FORMAT, "shape": shape, "blocks": blocks, "seed": seed, "shard_bytes": shard_bytes,
-            "overrides": overrides or {}}
+    return {
+        "format": FORMAT,
+        "shape": shape,
+        "blocks": blocks,
+        "seed": seed,
+        "shard_bytes": shard_bytes,
+        "overrides": overrides or {},
+    }
 
 
 def reusable(out: Path, identity: dict) -> dict | None:
@@ -185,8 +192,15 @@ def _ours(name: str) -> bool:
     )
 
 
-def write_checkpoint(shape: str, out: Path, blocks: int | None = None, shard_gib: float = 4.0, seed: int = 0,
-                     overrides: dict | None = None, tok_dir: Path | None = None) -> dict:
+def write_checkpoint(
+    shape: str,
+    out: Path,
+    blocks: int | None = None,
+    shard_gib: float = 4.0,
+    seed: int = 0,
+    overrides: dict | None = None,
+    tok_dir: Path | None = None,
+) -> dict:
     """Write (or reuse) the random-init checkpoint of `shape` in `out`; return its marker ("reused": bool).
 
     `tok_dir` (default: the embedded SmolLM2's folder) supplies the tokenizer files."""
@@ -240,8 +254,10 @@ def main() -> int:
     p.add_argument("--no-load-check", action="store_true", help="skip from_pretrained (needs the model in RAM)")
     args = p.parse_args()
     marker = write_checkpoint(args.shape, args.out, args.blocks, args.shard_gib)
-    print(f"{args.out}: {marker['bytes'] / 2**30:.2f} GiB in {len(marker['files'])} shards"
-          f"{' (reused)' if marker['reused'] else ''}")
+    print(
+        f"{args.out}: {marker['bytes'] / 2**30:.2f} GiB in {len(marker['files'])} shards"
+        f"{' (reused)' if marker['reused'] else ''}"
+    )
     if not args.no_load_check:
         missing, unexpected = load_check(args.out)
         print(f"from_pretrained: missing keys {missing or 'none'}, unexpected keys {unexpected or 'none'}")

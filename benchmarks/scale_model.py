@@ -9,7 +9,7 @@ with T = nsamples x seqlen tokens, L = seqlen, d = hidden size, a = attention wi
 linear inputs (layers fed the same tensor share one fp32 Hessian: q/k/v and gate/up,
 so 4 per Llama or OPT block; found by a meta-device forward pass with hooks), and
 e = bytes per element of the compute dtype (fp32 = 4 on the CPU, the checkpoint's half
-precision = 2 on a GPU, stages.oneshot.compute_dtype):
+precision = 2 on a GPU, stages.model.models.compute_dtype):
 
 | quantity            | model                                          | where in the code                              |
 |---------------------|------------------------------------------------|------------------------------------------------|
@@ -53,14 +53,42 @@ GPUS = {
 EFFICIENCY = 0.5  # fraction of peak the large matmuls reach
 GPU_COLUMN_S = 30e-6  # seconds per weight column of the OBS loop (~5 kernel launches)
 GPU_ELEM_BYTES = 128  # HBM bytes moved per weight element by the column loop (16 columns per sub-block, read+write)
-HOST = {"ram_gib": 256, "disk_gib": 1024, "disk_gbps": 2.0, "pcie_gbps": 25.0, "sha_gbps": 1.0, "base_gib": 3.0,
-        "time_budget_h": 24.0}
+HOST = {
+    "ram_gib": 256,
+    "disk_gib": 1024,
+    "disk_gbps": 2.0,
+    "pcie_gbps": 25.0,
+    "sha_gbps": 1.0,
+    "base_gib": 3.0,
+    "time_budget_h": 24.0,
+}
 # The projected models (their Hub configs, their own vocabularies).
 PROJECTED: dict[str, tuple[type[PretrainedConfig], dict, int]] = {
-    "llama2-70b": (LlamaConfig, dict(hidden_size=8192, intermediate_size=28672, num_attention_heads=64,
-                                     num_key_value_heads=8, vocab_size=32000, tie_word_embeddings=False), 80),
-    "opt-175b": (OPTConfig, dict(hidden_size=12288, ffn_dim=49152, num_attention_heads=96, word_embed_proj_dim=12288,
-                                 vocab_size=50272, max_position_embeddings=2048, enable_bias=True), 96),
+    "llama2-70b": (
+        LlamaConfig,
+        dict(
+            hidden_size=8192,
+            intermediate_size=28672,
+            num_attention_heads=64,
+            num_key_value_heads=8,
+            vocab_size=32000,
+            tie_word_embeddings=False,
+        ),
+        80,
+    ),
+    "opt-175b": (
+        OPTConfig,
+        dict(
+            hidden_size=12288,
+            ffn_dim=49152,
+            num_attention_heads=96,
+            word_embed_proj_dim=12288,
+            vocab_size=50272,
+            max_position_embeddings=2048,
+            enable_bias=True,
+        ),
+        96,
+    ),
 }
 
 
@@ -98,7 +126,7 @@ class Shape:
 
 def shape_of(cfg: PretrainedConfig) -> Shape:
     """The Shape of `cfg`: one block on the meta device, its linears and which share an input."""
-    from stages.blocks import find_blocks, find_layers, get_weight
+    from stages.model.blocks import find_blocks, find_layers, get_weight
 
     layers = cfg.num_hidden_layers
     one = cfg.__class__(**{**cfg.to_dict(), "num_hidden_layers": 1})
@@ -149,17 +177,26 @@ def block_work(s: Shape, nsamples: int, seqlen: int, e: int, passes: int = 2) ->
         inverse=sum(4 / 3 * li.cols**3 for li in s.linears),
         lazy=sum(li.rows * li.cols**2 for li in s.linears),
         stats=sum(4 * li.rows * li.cols**2 for li in s.linears),
-        columns=sum(li.cols for li in s.linears), elements=s.P, boundary=T * s.hidden * e, block_bytes=s.block_params * e,
+        columns=sum(li.cols for li in s.linears),
+        elements=s.P,
+        boundary=T * s.hidden * e,
+        block_bytes=s.block_params * e,
     )
 
 
 def block_seconds(w: Work, r: dict[str, float]) -> dict[str, float]:
     """Seconds of one prune block by cause, at rates `r` (FLOP/s, s/column, s/element, bytes/s; 0 = free)."""
-    io = (lambda n, rate: n / rate if rate else 0.0)
+
+    def io(n, rate):
+        return n / rate if rate else 0.0
+
     return {
         "forward": w.fwd / r["half_flops"],
         "hessians": w.hess / r["fp32_flops"],
-        "solve": w.inverse / r["fact_flops"] + w.lazy / r["fp32_flops"] + w.columns * r["column_s"] + w.elements * r["elem_s"],
+        "solve": w.inverse / r["fact_flops"]
+        + w.lazy / r["fp32_flops"]
+        + w.columns * r["column_s"]
+        + w.elements * r["elem_s"],
         "stats": w.stats / r["fp32_flops"],
         "sha256": io(3 * w.boundary + 2 * w.block_bytes, r["sha_bps"]),
         "disk+link": io(w.block_bytes + w.boundary, r["disk_bps"]) + io(3 * w.boundary, r["link_bps"]),
@@ -169,9 +206,16 @@ def block_seconds(w: Work, r: dict[str, float]) -> dict[str, float]:
 def gpu_rates(gpu: str) -> dict[str, float]:
     g = GPUS[gpu]
     fp32 = g["fp32_tflops"] * 1e12 * EFFICIENCY
-    return {"half_flops": g["half_tflops"] * 1e12 * EFFICIENCY, "fp32_flops": fp32, "fact_flops": fp32,
-            "column_s": GPU_COLUMN_S, "elem_s": GPU_ELEM_BYTES / (g["hbm_tbps"] * 1e12 * EFFICIENCY),
-            "sha_bps": HOST["sha_gbps"] * 1e9, "disk_bps": HOST["disk_gbps"] * 1e9, "link_bps": HOST["pcie_gbps"] * 1e9}
+    return {
+        "half_flops": g["half_tflops"] * 1e12 * EFFICIENCY,
+        "fp32_flops": fp32,
+        "fact_flops": fp32,
+        "column_s": GPU_COLUMN_S,
+        "elem_s": GPU_ELEM_BYTES / (g["hbm_tbps"] * 1e12 * EFFICIENCY),
+        "sha_bps": HOST["sha_gbps"] * 1e9,
+        "disk_bps": HOST["disk_gbps"] * 1e9,
+        "link_bps": HOST["pcie_gbps"] * 1e9,
+    }
 
 
 def _seconds(fn, *args) -> float:
@@ -196,14 +240,24 @@ def cpu_rates(threads: int) -> dict[str, float]:
     fact = 4 / 3 * 4096**3 / _seconds(hessian_inverse, X.T @ X)
     H = X[:, :2048].T @ X[:, :2048]
     t_inv = _seconds(hessian_inverse, H)
-    loop = {rows: _seconds(sparsegpt_prune, torch.randn(rows, 2048), H, 0.5) - t_inv - rows * 2048**2 / flops
-            for rows in (8, 1024)}
+    loop = {
+        rows: _seconds(sparsegpt_prune, torch.randn(rows, 2048), H, 0.5) - t_inv - rows * 2048**2 / flops
+        for rows in (8, 1024)
+    }
     elem_s = max(loop[1024] - loop[8], 0.0) / (1016 * 2048)
     torch.set_num_threads(before)
     buf = bytes(256 << 20)
     sha = len(buf) / _seconds(lambda: hashlib.sha256(buf).hexdigest())
-    return {"half_flops": flops, "fp32_flops": flops, "fact_flops": fact, "column_s": max(loop[8] / 2048 - 8 * elem_s, 0.0),
-            "elem_s": elem_s, "sha_bps": sha, "disk_bps": 0.0, "link_bps": 0.0}
+    return {
+        "half_flops": flops,
+        "fp32_flops": flops,
+        "fact_flops": fact,
+        "column_s": max(loop[8] / 2048 - 8 * elem_s, 0.0),
+        "elem_s": elem_s,
+        "sha_bps": sha,
+        "disk_bps": 0.0,
+        "link_bps": 0.0,
+    }
 
 
 def device_bytes(s: Shape, e: int, batch: int, seqlen: int) -> int:
@@ -218,8 +272,9 @@ def _per(n: float, rate: float) -> float:
     return n / rate if rate else 0.0
 
 
-def project_prune(s: Shape, rates: dict[str, float], e: int, nsamples: int, seqlen: int, batch: int = 8,
-                  keep_acts: int = 2) -> dict:
+def project_prune(
+    s: Shape, rates: dict[str, float], e: int, nsamples: int, seqlen: int, batch: int = 8, keep_acts: int = 2
+) -> dict:
     """Figures of `sparsegpt prune` (no evaluation) of shape `s` at `rates`, compute dtype of `e` bytes.
 
     Off the CPU the block runs on the device and the host holds the boundary and save_block's copy;
@@ -247,24 +302,47 @@ def project_eval(s: Shape, rates: dict[str, float], e: int, nsamples: int, seqle
     """Figures of block-by-block perplexity over nsamples windows of seqlen."""
     w = block_work(s, nsamples, seqlen, e, passes=1)
     ckpt = s.total_params * 2
-    wall = s.layers * w.fwd / rates["half_flops"] + _per(ckpt, rates["disk_bps"]) + _per(2 * s.layers * w.boundary, rates["link_bps"])
-    return {"wall_s": wall, "device_bytes": s.block_params * e + min(batch, nsamples) * seqlen * (4 * s.hidden + 3 * s.ffn) * e,
-            "host_bytes": int(HOST["base_gib"] * GIB + 2 * w.boundary), "disk_run_bytes": 0, "ckpt_bytes": ckpt,
-            "read_bytes": ckpt, "written_bytes": 0, "hashed_bytes": 0, "boundary_bytes": w.boundary}
+    wall = (
+        s.layers * w.fwd / rates["half_flops"]
+        + _per(ckpt, rates["disk_bps"])
+        + _per(2 * s.layers * w.boundary, rates["link_bps"])
+    )
+    return {
+        "wall_s": wall,
+        "device_bytes": s.block_params * e + min(batch, nsamples) * seqlen * (4 * s.hidden + 3 * s.ffn) * e,
+        "host_bytes": int(HOST["base_gib"] * GIB + 2 * w.boundary),
+        "disk_run_bytes": 0,
+        "ckpt_bytes": ckpt,
+        "read_bytes": ckpt,
+        "written_bytes": 0,
+        "hashed_bytes": 0,
+        "boundary_bytes": w.boundary,
+    }
 
 
 def project_tasks(s: Shape, e: int) -> dict:
     """Whole-model task scoring: the model in the compute dtype on the host, then on the device."""
     whole = s.total_params * e
-    return {"wall_s": None, "device_bytes": whole, "host_bytes": int(HOST["base_gib"] * GIB + whole),
-            "disk_run_bytes": 0, "ckpt_bytes": s.total_params * 2, "read_bytes": s.total_params * 2, "written_bytes": 0, "hashed_bytes": 0}
+    return {
+        "wall_s": None,
+        "device_bytes": whole,
+        "host_bytes": int(HOST["base_gib"] * GIB + whole),
+        "disk_run_bytes": 0,
+        "ckpt_bytes": s.total_params * 2,
+        "read_bytes": s.total_params * 2,
+        "written_bytes": 0,
+        "hashed_bytes": 0,
+    }
 
 
 def binding(fig: dict, gpu: str) -> str:
     """Which resource runs out first, in the order the stage meets them (host load, device, disk, time)."""
-    need = [("host RAM", fig["host_bytes"], HOST["ram_gib"] * GIB), ("GPU memory", fig["device_bytes"], GPUS[gpu]["mem_gib"] * GIB),
-            ("disk", fig["disk_run_bytes"] + fig["ckpt_bytes"], HOST["disk_gib"] * GIB),
-            ("time", fig["wall_s"] or 0.0, HOST["time_budget_h"] * 3600)]
+    need = [
+        ("host RAM", fig["host_bytes"], HOST["ram_gib"] * GIB),
+        ("GPU memory", fig["device_bytes"], GPUS[gpu]["mem_gib"] * GIB),
+        ("disk", fig["disk_run_bytes"] + fig["ckpt_bytes"], HOST["disk_gib"] * GIB),
+        ("time", fig["wall_s"] or 0.0, HOST["time_budget_h"] * 3600),
+    ]
     for name, n, budget in need:
         if n > budget:
             return f"{name} runs out ({n / budget:.2f}x the budget)"

@@ -150,8 +150,15 @@ def _first_to_die() -> None:
         f.write("1000")
 
 
-def run_measured(cmd: list[str], cwd: Path, env: dict[str, str], log: Path, watch: Path | None = None,
-                 interval: float = 0.25, du_every: float = 1.0) -> Measured:
+def run_measured(
+    cmd: list[str],
+    cwd: Path,
+    env: dict[str, str],
+    log: Path,
+    watch: Path | None = None,
+    interval: float = 0.25,
+    du_every: float = 1.0,
+) -> Measured:
     """Run `cmd` (stdout and stderr to `log`) and measure it; never raises on the command's failure."""
     t0 = time.perf_counter()
     with open(log, "wb") as out:
@@ -170,6 +177,13 @@ def run_measured(cmd: list[str], cwd: Path, env: dict[str, str], log: Path, watc
     _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
     disk_end = dir_bytes(watch) if watch is not None else 0
-    return Measured(cmd=cmd, returncode=proc.returncode, wall_s=wall, peak_rss_tree=sampler.peak_rss,
-                    peak_rss_max=usage.ru_maxrss * 1024, io=io, disk_peak=max(sampler.disk_peak, disk_end),
-                    disk_end=disk_end)
+    return Measured(
+        cmd=cmd,
+        returncode=proc.returncode,
+        wall_s=wall,
+        peak_rss_tree=sampler.peak_rss,
+        peak_rss_max=usage.ru_maxrss * 1024,
+        io=io,
+        disk_peak=max(sampler.disk_peak, disk_end),
+        disk_end=disk_end,
+    )

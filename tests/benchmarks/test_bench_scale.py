@@ -24,7 +24,9 @@ SMALL_SHARDS = 16e3 / 2**30  # ~16 kB shards: several per checkpoint
 @pytest.mark.parametrize("shape", sorted(TINY))
 def test_checkpoint_loads_without_missing_or_unexpected_keys(shape: str, tmp_path: Path, tiny_llama_dir: Path) -> None:
     out = tmp_path / "ckpt"
-    marker = write_checkpoint(shape, out, blocks=2, shard_gib=SMALL_SHARDS, overrides=TINY[shape], tok_dir=tiny_llama_dir)
+    marker = write_checkpoint(
+        shape, out, blocks=2, shard_gib=SMALL_SHARDS, overrides=TINY[shape], tok_dir=tiny_llama_dir
+    )
     assert not marker["reused"] and len(marker["files"]) > 1
     assert load_check(out) == ([], [])
     cfg = json.loads((out / "config.json").read_text())
@@ -65,16 +67,29 @@ def test_blocks_outside_the_depth_are_refused(tiny_llama_dir: Path) -> None:
 
 def test_monitor_measures_memory_io_disk_and_kills(tmp_path: Path) -> None:
     watch = tmp_path / "run"
-    code = ("import os, subprocess, sys; os.makedirs(sys.argv[1]); x = bytearray(200 << 20); "
-            "open(os.path.join(sys.argv[1], 'f'), 'wb').write(bytes(50 << 20)); "
-            "subprocess.run([sys.executable, '-c', 'open(\"/dev/null\", \"wb\").write(bytes(30 << 20))'])")
-    m = run_measured([sys.executable, "-c", code, str(watch)], tmp_path, {}, tmp_path / "log", watch=watch,
-                     interval=0.01, du_every=0.01)
+    code = (
+        "import os, subprocess, sys; os.makedirs(sys.argv[1]); x = bytearray(200 << 20); "
+        "open(os.path.join(sys.argv[1], 'f'), 'wb').write(bytes(50 << 20)); "
+        "subprocess.run([sys.executable, '-c', 'open(\"/dev/null\", \"wb\").write(bytes(30 << 20))'])"
+    )
+    m = run_measured(
+        [sys.executable, "-c", code, str(watch)],
+        tmp_path,
+        {},
+        tmp_path / "log",
+        watch=watch,
+        interval=0.01,
+        du_every=0.01,
+    )
     assert m.failure is None and m.peak_rss_max >= 200 << 20
     assert m.io["wchar"] >= (50 + 30) << 20  # the grandchild's writes are counted too
     assert m.disk_end >= 50 << 20 and m.disk_peak >= m.disk_end
-    killed = run_measured([sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"],
-                          tmp_path, {}, tmp_path / "log2")
+    killed = run_measured(
+        [sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"],
+        tmp_path,
+        {},
+        tmp_path / "log2",
+    )
     assert killed.failure == "killed by SIGKILL"
 
 
