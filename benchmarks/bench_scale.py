@@ -23,8 +23,8 @@ model's shape, measured, next to a FLOP and byte model projected to Llama-2-70B 
 
 Disk under --work (default /work/scale-work): the checkpoint (llama3-8b full depth: 14 GiB
 with the tokenizer's 49k vocabulary), and during prune the run directory: blocks/ in the
-compute dtype (fp32 on the CPU: 2x the checkpoint's block bytes) plus model/ (1x): plan
-~60 GiB free for llama3-8b full depth. Without --keep the checkpoint and the run directory
+checkpoint's dtype (1x the checkpoint's block bytes; fp32 copies, 2x, before 2026-12-01) plus
+model/ (1x): plan ~45 GiB free for llama3-8b full depth. Without --keep the checkpoint and the run directory
 are deleted at the end; with it a rerun reuses the checkpoint (the run directory is always
 started afresh so that every figure is measured).
 """
