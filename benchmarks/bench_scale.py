@@ -181,12 +181,12 @@ def print_stage(name: str, m: Measured, ckpt_bytes: int, log: Path) -> None:
 def print_prune_outputs(ckpt: Path, run_dir: Path) -> None:
     out = run_dir / "model"
     print(f"  dtypes: output {dtypes(out) if out.is_dir() else 'no model/'} | input {dtypes(ckpt)}")
-    blocks = run_dir / "blocks"
+    blocks, when = run_dir / "blocks", "after assembly" if out.is_dir() else "(not assembled)"
     if blocks.is_dir():
         n = len(list(blocks.glob("*.safetensors")))
-        print(f"  blocks/ remains after assembly: {gib(dir_bytes(blocks))} ({n} block files, {dtypes(blocks)})")
+        print(f"  blocks/ {when}: {gib(dir_bytes(blocks))} ({n} block files, {dtypes(blocks)})")
     else:
-        print("  blocks/ removed after assembly")
+        print(f"  blocks/ absent {when}")
 
 
 def calibration(args: argparse.Namespace, run_dir: Path, m: Measured) -> None:
