@@ -23,26 +23,14 @@ import torch
 from safetensors import safe_open
 
 from stages.model.blocks import Skeleton, skeleton
-from stages.model.models import INDEX_NAME, SafetensorsIndex
+from stages.model.models import INDEX_NAME, SAFETENSORS_DTYPES, SafetensorsIndex
 
 PathLike = str | os.PathLike
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".ckpt", ".msgpack", ".h5")
 """Files never copied from the original folder: weights are rewritten, pickles never carried over."""
 DEFAULT_SHARD_BYTES = 256 * 1024**2
 """Output shard size (a block is never split across shards)."""
-_DTYPES = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-_NAMES = {dt: name for name, dt in _DTYPES.items()}
+_NAMES = {dt: name for name, dt in SAFETENSORS_DTYPES.items()}
 
 
 def block_file_name(i: int) -> str:
@@ -77,7 +65,7 @@ def _header(path: Path) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
         out = {}
         for n in f.keys():
             sl = f.get_slice(n)
-            out[n] = (_DTYPES.get(sl.get_dtype(), torch.float32), tuple(sl.get_shape()))
+            out[n] = (SAFETENSORS_DTYPES.get(sl.get_dtype(), torch.float32), tuple(sl.get_shape()))
     return out
 
 

@@ -289,7 +289,7 @@ class SafetensorsIndex:
             with safe_open(self.root / file, framework="pt") as f:
                 for name in f.keys():
                     if name.startswith(prefix):
-                        out[name[len(prefix) :]] = _SAFETENSORS_DTYPES[f.get_slice(name).get_dtype()]
+                        out[name[len(prefix) :]] = SAFETENSORS_DTYPES[f.get_slice(name).get_dtype()]
         return out
 
     def load_tensors(
@@ -300,7 +300,7 @@ class SafetensorsIndex:
         return {n[len(prefix) :]: t for n, t in self.load(names, dtype, device).items()}
 
 
-_SAFETENSORS_DTYPES = {
+SAFETENSORS_DTYPES = {
     "F64": torch.float64,
     "F32": torch.float32,
     "F16": torch.float16,
@@ -312,6 +312,7 @@ _SAFETENSORS_DTYPES = {
     "U8": torch.uint8,
     "BOOL": torch.bool,
 }
+"""A safetensors header's dtype name -> torch dtype."""
 
 
 def compute_dtype(device: str, model_dir: Path, dtype: str = "auto", trust_remote_code: bool = False) -> torch.dtype:
