@@ -10,7 +10,7 @@ model's shape, measured, next to a FLOP and byte model projected to Llama-2-70B 
      tasks  CKPT --tasks piqa=...,arc_easy=... --limit 20               (loads the whole model)
    and prints per stage: wall time, peak RSS (process tree), peak size of the run directory
    against the checkpoint's, bytes read/written (/proc/PID/io, children included), bytes
-   hashed (not instrumented in stages/: printed as n/a), and for prune the dtypes of the
+   hashed (per block, from the block records' bytes_hashed), and for prune the dtypes of the
    output vs the input checkpoint and what `blocks/` still holds. A stage that fails (an
    OOM kill included) is reported with its exit status and the harness goes on.
 3. Prints the measured time per block against the model's prediction for the same shape on
@@ -159,7 +159,14 @@ def commands(args: argparse.Namespace, ckpt: Path, run_dir: Path) -> dict[str, l
     }
 
 
-def print_stage(name: str, m: Measured, ckpt_bytes: int, log: Path) -> None:
+def hashed(run_dir: Path | None) -> str:
+    """Bytes hashed per pruned block, from the block records (`bytes_hashed`), or n/a."""
+    records = [json.loads(p.read_text()) for p in sorted((run_dir or Path("/nonexistent")).glob("blocks/block_*.json"))]
+    per = [r["bytes_hashed"] for r in records if "bytes_hashed" in r]
+    return f"{gib(sum(per) / len(per))} per block ({len(per)} blocks)" if per else "n/a (not recorded)"
+
+
+def print_stage(name: str, m: Measured, ckpt_bytes: int, log: Path, run_dir: Path | None = None) -> None:
     status = "ok" if m.failure is None else f"FAILED ({m.failure}; log {log})"
     io = m.io
     print(f"[{name}] {status}")
@@ -171,7 +178,7 @@ def print_stage(name: str, m: Measured, ckpt_bytes: int, log: Path) -> None:
         )
     print(
         f"  read {gib(io.get('read_bytes', 0))} from disk, {gib(io.get('rchar', 0))} by read() | written "
-        f"{gib(io.get('write_bytes', 0))} to disk, {gib(io.get('wchar', 0))} by write() | hashed n/a (not instrumented)"
+        f"{gib(io.get('write_bytes', 0))} to disk, {gib(io.get('wchar', 0))} by write() | hashed {hashed(run_dir)}"
     )
     if m.failure is not None:
         tail = log.read_text(errors="replace").strip().splitlines()[-3:]
@@ -318,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"$ {shlex.join(cmd[1:])}", flush=True)
         log = args.work / "logs" / f"{run_dir.name}-{name}.log"
         m = run_measured(cmd, ROOT, env, log, watch=run_dir if name == "prune" else None)
-        print_stage(name, m, ckpt_bytes, log)
+        print_stage(name, m, ckpt_bytes, log, run_dir if name == "prune" else None)
         if name == "prune":
             print_prune_outputs(ckpt, run_dir)
             calibration(args, run_dir, m)

@@ -52,7 +52,16 @@ from stages.model.capture import capture_inputs
 from stages.model.models import compute_dtype, load_config, load_tokenizer, max_positions, resolve_model
 from stages.prune.pruning import block_outlier_ratio, collect_hessians, prune_block
 from stages.run.memory import release_memory
-from stages.run.rundir import RunLock, check_run, init_run, prune_old, sweep_tmp, verify_record, write_record
+from stages.run.rundir import (
+    RunLock,
+    bytes_hashed,
+    check_run,
+    init_run,
+    prune_old,
+    sweep_tmp,
+    verify_record,
+    write_record,
+)
 from stages.run.shards import ShardWriter, is_complete, read_shards
 from stages.run.timing import timed
 
@@ -274,7 +283,7 @@ def prune_one(cfg: PruneConfig, run: Run, i: int, sparsity: float) -> dict:
     done = verify_record(run.block_record(i))
     if done is not None:
         return done
-    t0 = time.perf_counter()
+    t0, h0 = time.perf_counter(), bytes_hashed()
     ensure_acts(cfg, run, i)
     dtype, kwargs = run.dtype, _load_kwargs(run)
     block = load_block(run.model_dir, i, cfg.runtime.device, dtype, cfg.trust_remote_code)
@@ -292,7 +301,13 @@ def prune_one(cfg: PruneConfig, run: Run, i: int, sparsity: float) -> dict:
     round_to_stored(block, stored)  # the next block's inputs are what the saved (checkpoint-dtype) block gives
     _forward_to_shards(cfg, block, run.acts(i), run.acts(i + 1), kwargs)
     save_block(run.block_file(i), block.state_dict(), stored)
-    payload = {"block": i, "seconds": time.perf_counter() - t0, "layers": {k: asdict(v) for k, v in stats.items()}}
+    payload = {
+        "block": i,
+        "seconds": time.perf_counter() - t0,
+        # boundaries verified and written while pruning it, plus its own file, which write_record hashes next
+        "bytes_hashed": bytes_hashed() - h0 + run.block_file(i).stat().st_size,
+        "layers": {k: asdict(v) for k, v in stats.items()},
+    }
     record = write_record(run.block_record(i), payload, [run.block_file(i)])
     prune_old(run.root / "acts", "block_*", keep_last=cfg.runtime.keep_acts)
     del block

@@ -104,13 +104,22 @@ def atomic_write_json(path: Path | str, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, sort_keys=True, indent=2, default=str) + "\n")
 
 
+_HASHED = [0]
+
+
 def sha256_file(path: Path | str) -> str:
-    """Hex sha256 of a file, read in 1 MiB chunks."""
+    """Hex sha256 of a file, read in 1 MiB chunks (counted by `bytes_hashed`)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(_CHUNK):
             h.update(chunk)
+            _HASHED[0] += len(chunk)
     return h.hexdigest()
+
+
+def bytes_hashed() -> int:
+    """Bytes `sha256_file` has hashed in this process so far (every record's checksums go through it)."""
+    return _HASHED[0]
 
 
 # ---------------------------------------------------------------- done-records

@@ -147,6 +147,22 @@ def test_rebuilt_activations_keep_disk_to_keep_acts_boundaries(tiny_llama_dir, t
     assert on_disk == [["block_000"], ["block_000", "block_001"], ["block_001", "block_002"]]
 
 
+def test_block_records_count_the_bytes_hashed(tiny_llama_dir, tmp_path, monkeypatch):
+    """`bytes_hashed` counts every byte sha256_file reads; a block record holds at least its new boundary's
+    and its own file's bytes (today each boundary is hashed four times: a figure, not a target)."""
+    import stages.run.rundir as rundir
+
+    seen = []
+    real = rundir.sha256_file
+    monkeypatch.setattr(rundir, "sha256_file", lambda p: (seen.append(Path(p).stat().st_size), real(p))[1])
+    h0 = rundir.bytes_hashed()
+    run = run_pipeline(tiny_cfg(tiny_llama_dir, tmp_path / "run"))
+    assert rundir.bytes_hashed() - h0 == sum(seen) > 0
+    rec = json.loads(run.block_record(1).read_text())
+    shards = sum(p.stat().st_size for p in run.acts(2).glob("*.arrow"))
+    assert rec["bytes_hashed"] >= shards + run.block_file(1).stat().st_size
+
+
 def test_old_activations_are_deleted(tiny_llama_dir, tmp_path):
     run = run_pipeline(tiny_cfg(tiny_llama_dir, tmp_path / "run"))
     kept = sorted(p.name for p in (run.root / "acts").iterdir() if p.is_dir())
