@@ -26,7 +26,8 @@ from flows.artifacts import block_progress, eval_progress, publish_metrics, repo
 from stages.config import PruneConfig
 from stages.evaluate.evaluate import evaluate_run
 from stages.prune import oneshot as st
-from stages.run.rundir import RunLock, config_hash, sweep_tmp, verify_record
+from stages.run.identity import config_hash
+from stages.run.rundir import RunLock, sweep_tmp, verify_record
 
 RecordOf = Callable[[st.Run, Any], Path]
 

@@ -40,7 +40,8 @@ from stages.finetune.data import TokenWindows, prepare_windows
 from stages.finetune.loss import Masks, derive_masks
 from stages.finetune.train import Trainer, build_trainer, load_state_dict, state_dict, train_step
 from stages.model.models import load_config, load_tokenizer, max_positions, validate_model_dir
-from stages.run.rundir import atomic_write_json, config_diff, verify_record, write_record
+from stages.run.identity import config_diff
+from stages.run.rundir import atomic_write_json, verify_record, write_record
 
 CONFIG_JSON = "finetune_config.json"
 RESULT_JSON = "finetune.json"

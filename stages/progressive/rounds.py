@@ -47,7 +47,8 @@ from stages.progressive.config import ProgressiveConfig, parse_schedule, target_
 from stages.progressive.masks import read_mask, write_mask  # noqa: F401 (read_mask re-exported)
 from stages.progressive.paths import RoundPaths, eval_key, first_unfinished, round_done  # noqa: F401
 from stages.progressive.summary import summary_markdown, write_summary  # noqa: F401
-from stages.run.rundir import RunLock, atomic_path, init_run, sweep_tmp, verify_record, write_record
+from stages.run.identity import init_run
+from stages.run.rundir import RunLock, atomic_path, sweep_tmp, verify_record, write_record
 
 log = logging.getLogger("sparsegpt.progressive")
 # --- rounds ------------------------------------------------------------------------------------

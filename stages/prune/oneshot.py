@@ -51,12 +51,11 @@ from stages.model.blocks import (
 from stages.model.capture import capture_inputs
 from stages.model.models import compute_dtype, load_config, load_tokenizer, max_positions, resolve_model
 from stages.prune.pruning import block_outlier_ratio, collect_hessians, prune_block
+from stages.run.identity import check_run, init_run
 from stages.run.memory import release_memory
 from stages.run.rundir import (
     RunLock,
     bytes_hashed,
-    check_run,
-    init_run,
     prune_old,
     sweep_tmp,
     verify_record,

@@ -182,7 +182,7 @@ def test_run_directory_of_the_flat_config_resumes(tiny_llama_dir, tmp_path):
     (written here as that code wrote it) resumes: finished blocks are kept, the rest is pruned."""
     import json
 
-    from stages.run.rundir import config_hash
+    from stages.run.identity import config_hash
 
     cfg = tiny_cfg(tiny_llama_dir, tmp_path / "run")
     straight = run_pipeline(tiny_cfg(tiny_llama_dir, tmp_path / "straight"))

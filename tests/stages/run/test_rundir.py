@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 import stages.run.rundir as rundir
+from stages.run.identity import init_run
 from stages.run.rundir import (
     RunError,
     RunLock,
@@ -20,7 +21,6 @@ from stages.run.rundir import (
     atomic_write_bytes,
     atomic_write_json,
     atomic_write_text,
-    init_run,
     prune_old,
     remove_tree,
     sha256_file,
