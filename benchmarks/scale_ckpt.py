@@ -36,6 +36,7 @@ CHUNK = 1 << 24  # elements generated at a time (64 MiB of fp32)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 # The real models' config.json fields (their Hub configs); vocab and special ids come from the tokenizer.
+# The real models' configs, a few lines each (fmt: skip below keeps them readable as a table).
 SHAPES: dict[str, tuple[type[PretrainedConfig], dict]] = {
     "llama3-8b": (LlamaConfig, dict(
         hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,

@@ -33,6 +33,7 @@ from flows.artifacts import artifact_key
 from flows.oneshot import done_key, oneshot
 from stages.config import PruneConfig
 from stages.prune import oneshot as st
+from tests.configs import tiny_prune
 from tests.samples import TASK_SAMPLES, task_spec
 
 REPO = Path(__file__).resolve().parents[2]
@@ -42,19 +43,8 @@ TASKS = (task_spec("boolq"),) if TASK_SAMPLES.is_dir() else ()
 
 
 def tiny_cfg(model: Path, run_dir: Path, **kw) -> PruneConfig:
-    return PruneConfig.of(
-        model=str(model),
-        run_dir=str(run_dir),
-        calib="pydoc",
-        nsamples=6,
-        seqlen=32,
-        blocksize=16,
-        eval=("pydoc",),
-        eval_windows=2,
-        tasks=TASKS,
-        task_limit=2,
-        **kw,
-    )
+    base = dict(progress=True, eval=("pydoc",), eval_windows=2, tasks=TASKS, task_limit=2)
+    return tiny_prune(model, run_dir, **{**base, **kw})
 
 
 def read_artifacts(key: str) -> list:

@@ -5,9 +5,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from stages.config import PruneConfig
 from stages.evaluate.evaluate import evaluate_run
 from stages.prune.oneshot import block_records, run_pipeline
+from tests.configs import tiny_prune
 from tests.samples import TASK_SAMPLES, task_spec
 
 
@@ -16,20 +16,17 @@ def evaluated_run(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory
     """(cfg, run, metrics, progress calls): tiny Llama, SparseGPT 50% with OWL, pydoc perplexity, two tasks."""
     if not TASK_SAMPLES.is_dir():
         pytest.skip(f"task samples not found at {TASK_SAMPLES}")
-    cfg = PruneConfig.of(
-        model=str(tiny_llama_dir),
-        run_dir=str(tmp_path_factory.mktemp("evaluated") / "run"),
-        calib="pydoc",
-        nsamples=6,
-        seqlen=32,
+    run_dir = tmp_path_factory.mktemp("evaluated") / "run"
+    tasks = (task_spec("boolq"), task_spec("arc_easy"))
+    cfg = tiny_prune(
+        tiny_llama_dir,
+        run_dir,
         batch_size=4,
-        blocksize=16,
-        progress=False,
         owl=True,
         owl_lambda=0.1,
         eval=("pydoc",),
         eval_windows=2,
-        tasks=(task_spec("boolq"), task_spec("arc_easy")),
+        tasks=tasks,
         task_limit=3,
         eval_batch_size=3,
     )

@@ -32,20 +32,11 @@ from stages.config import PruneConfig
 from stages.model.models import resolve_model
 from stages.prune.oneshot import prepare, run_pipeline
 from stages.run.rundir import RunError
+from tests.configs import tiny_prune
 
 
 def tiny_cfg(model_dir: Path, run_dir: Path, **kw) -> PruneConfig:
-    base = dict(
-        model=str(model_dir),
-        run_dir=str(run_dir),
-        calib="pydoc",
-        nsamples=6,
-        seqlen=32,
-        batch_size=2,
-        blocksize=16,
-        progress=False,
-    )
-    return PruneConfig.of(**{**base, **kw})
+    return tiny_prune(model_dir, run_dir, **{"batch_size": 2, **kw})
 
 
 def model_tensors(folder: Path) -> dict[str, torch.Tensor]:

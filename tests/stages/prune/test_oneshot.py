@@ -16,21 +16,12 @@ from stages.config import PruneConfig
 from stages.data.calibration import read_tokens
 from stages.prune.oneshot import run_pipeline
 from stages.run.rundir import RunError
+from tests.configs import tiny_prune
 from tests.stages.prune.reference_pipeline import reference_prune
 
 
 def tiny_cfg(model_dir: Path, run_dir: Path, **kw) -> PruneConfig:
-    base = dict(
-        model=str(model_dir),
-        run_dir=str(run_dir),
-        calib="pydoc",
-        nsamples=6,
-        seqlen=32,
-        batch_size=4,
-        progress=False,
-        blocksize=16,
-    )
-    return PruneConfig.of(**{**base, **kw})
+    return tiny_prune(model_dir, run_dir, **{"batch_size": 4, **kw})
 
 
 def model_tensors(folder: Path) -> dict[str, torch.Tensor]:

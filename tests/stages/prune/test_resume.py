@@ -35,22 +35,14 @@ from safetensors.torch import load_file
 from stages.config import PruneConfig
 from stages.prune.oneshot import run_pipeline
 from stages.run.rundir import RunError, RunLock
+from tests.configs import tiny_prune
 
 DRIVER = Path(__file__).with_name("kill_driver.py")
 REPO = DRIVER.parents[3]
 
 
 def config(model_dir: Path, run_dir: Path) -> PruneConfig:
-    return PruneConfig.of(
-        model=str(model_dir),
-        run_dir=str(run_dir),
-        calib="pydoc",
-        nsamples=6,
-        seqlen=32,
-        blocksize=16,
-        batch_size=2,
-        progress=False,
-    )
+    return tiny_prune(model_dir, run_dir, batch_size=2)
 
 
 def env() -> dict[str, str]:
