@@ -52,7 +52,6 @@ def _add_progressive(sub: argparse._SubParsersAction) -> None:
 def _progressive(args: argparse.Namespace) -> int:
     from stages.config import parse_nm
     from stages.progressive.config import ProgressiveConfig
-    from stages.progressive.rounds import summary_markdown
 
     if args.ramp:
         if "schedule" in vars(args):
@@ -61,7 +60,11 @@ def _progressive(args: argparse.Namespace) -> int:
         args.schedule = ",".join(f"{i}:{m}" for i in range(1, n + 1))
     del args.ramp
     cfg = build(ProgressiveConfig(), args)
+    from stages.progressive.check import check
+
+    check(cfg)  # bad input is refused here, before Prefect starts
     from flows.progressive import progressive
+    from stages.progressive.rounds import summary_markdown
 
     out = progressive(cfg)
     print()
@@ -86,7 +89,7 @@ def _prune(args: argparse.Namespace) -> int:
     from stages.config import PruneConfig
 
     cfg = build(PruneConfig(), args)
-    from stages.prune.oneshot import check
+    from stages.prune.check import check
 
     check(cfg)  # bad input is refused here, before Prefect starts
     from flows.artifacts import metrics_markdown
@@ -113,7 +116,10 @@ def _prune(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    cfg = build(command_config("eval"), args).check()  # before Prefect starts
+    cfg = build(command_config("eval"), args).check()  # the argument-only checks first: no torch imported yet
+    from stages.evaluate.check import check
+
+    check(cfg)  # bad input is refused here, before Prefect starts
     from flows.artifacts import eval_markdown
     from flows.evaluate import evaluate
 
@@ -146,18 +152,23 @@ def main(argv: list[str] | None = None) -> int:
     _add_report(sub)
     st = sub.add_parser("status", help="what is done and left in a run directory")
     st.add_argument("run_dir")
-    from stages.run.rundir import RunError
+    for command in sub.choices.values():
+        command.add_argument("--debug", action="store_true", help="tracebacks for user errors too (SPARSEGPT_DEBUG=1)")
+    from flows.errors import DEBUG_ENV, USER_ERRORS, debug, one_line
 
+    args = parser.parse_args(argv)
+    if args.debug:
+        os.environ[DEBUG_ENV] = "1"
+    command = args.command
+    del args.command, args.debug
     try:
-        args = parser.parse_args(argv)
-        command = args.command
-        del args.command
         return {"prune": _prune, "eval": _eval, "report": _report, "status": _status, "progressive": _progressive}[
             command
         ](args)
-    except (ValueError, RunError, FileNotFoundError) as exc:
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        print(f"error: {msg}", file=sys.stderr)
+    except USER_ERRORS as exc:
+        if debug():
+            raise
+        print(f"error: {one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted; rerun the same command to resume", file=sys.stderr)

@@ -10,11 +10,13 @@ from uuid import UUID
 from prefect import flow, get_run_logger, task
 
 from flows.artifacts import move, new_progress, publish_eval
+from flows.errors import reports_user_errors
 from stages.config import EvaluateConfig
 from stages.data.specs import parse_spec
+from stages.evaluate.check import check as check_evaluate
 from stages.evaluate.evaluate import blockwise_perplexity, score_tasks
 from stages.evaluate.perplexity import eval_windows
-from stages.model.models import compute_dtype, load_tokenizer, resolve_model
+from stages.model.models import compute_dtype, load_tokenizer
 
 PROGRESS_KEY = "sparsegpt-eval-progress"
 
@@ -63,11 +65,18 @@ def zero_shot(cfg: EvaluateConfig, model_dir: str, artifact: UUID, done: int, to
     return res
 
 
+@task(name="check")
+def check(cfg: EvaluateConfig) -> str:
+    """Refuse bad input before any work (the CLI has run the same check before Prefect started)."""
+    return str(check_evaluate(cfg))
+
+
 @flow(name="sparsegpt-evaluate")
+@reports_user_errors
 def evaluate(cfg: EvaluateConfig) -> dict:
     """Perplexity of ``cfg.model`` (directory, hub id or ``smollm2-135m``) on every SPEC, its scores on every task."""
-    ev = cfg.check().eval
-    model_dir = str(resolve_model(cfg.model, trust_remote_code=cfg.trust_remote_code))
+    model_dir = check(cfg)
+    ev = cfg.eval
     total = len(ev.specs) + len(ev.tasks)
     artifact = new_progress(PROGRESS_KEY, f"evaluating {cfg.model}")
     res: dict = {}

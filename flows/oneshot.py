@@ -23,9 +23,11 @@ from prefect import flow, get_run_logger, task
 from prefect.transactions import get_transaction
 
 from flows.artifacts import block_progress, eval_progress, publish_metrics, report_markdown
+from flows.errors import reports_user_errors
 from stages.config import PruneConfig
 from stages.evaluate.evaluate import evaluate_run
 from stages.prune import oneshot as st
+from stages.prune.check import check as check_prune
 from stages.run.identity import config_hash
 from stages.run.rundir import RunLock, sweep_tmp, verify_record
 
@@ -73,6 +75,12 @@ def _persist_when_done(record_of: RecordOf, cfg: PruneConfig, run: st.Run, i: in
 
 def _options(run: st.Run) -> dict[str, Any]:
     return {"persist_result": True, "result_storage": run.root.resolve() / ".prefect"}
+
+
+@task(name="check")
+def check(cfg: PruneConfig) -> None:
+    """Refuse bad input before any work (the CLI has run the same check before Prefect started)."""
+    check_prune(cfg)
 
 
 @task(name="calibrate", cache_key_fn=_key_fn(_calib_record))
@@ -149,9 +157,11 @@ def _steps(cfg: PruneConfig) -> st.OneshotSteps:
 
 
 @flow(name="sparsegpt-oneshot", log_prints=True)
+@reports_user_errors
 def oneshot(cfg: PruneConfig) -> dict:
     """Prune ``cfg.model`` one-shot into ``cfg.run_dir`` and evaluate it."""
     timings: dict[str, float] = {}
+    check(cfg)
     with RunLock(cfg.run_dir):
         sweep_tmp(cfg.run_dir)
         run, records = st.run_steps(cfg, _steps(cfg), timings)

@@ -20,6 +20,7 @@ from pathlib import Path
 from prefect import flow, get_run_logger, task
 
 from flows.artifacts import RoundsProgress, publish_progressive, report_markdown
+from flows.errors import reports_user_errors
 from flows.oneshot import oneshot
 from stages.config import PruneConfig
 from stages.progressive import rounds as pg
@@ -80,10 +81,18 @@ def _steps(cfg: pg.ProgressiveConfig, progress: RoundsProgress) -> pg.RoundSteps
     return pg.RoundSteps(prune=prune, mask=mask, finetune=finetune, evaluate=evaluate_step)
 
 
+@task(name="check")
+def check(cfg: pg.ProgressiveConfig) -> None:
+    """Refuse bad input before any work (the CLI has run the same check before Prefect started)."""
+    pg.check(cfg)
+
+
 @flow(name="sparsegpt-progressive", log_prints=True)
+@reports_user_errors
 def progressive(cfg: pg.ProgressiveConfig) -> dict:
     """Advance the progressive schedule of ``cfg.run_dir`` by at most ``cfg.runtime.rounds_per_run`` rounds."""
     logger = get_run_logger()
+    check(cfg)
     with RunLock(cfg.run_dir):
         sweep_tmp(cfg.run_dir)
         dense = pg.prepare(cfg)

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import torch
 
-from sparsegpt.masks import check_sparsity
+from sparsegpt.spec import check_sparsity
 
 
 def outlier_ratio(W: torch.Tensor, x_norm_sq: torch.Tensor, threshold: float = 5.0) -> float:

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import torch
 
-from sparsegpt.masks import check_nm, check_prior_mask, check_sparsity, lowest_k, nm_select, target_count
+from sparsegpt.masks import check_prior_mask, lowest_k, nm_select, target_count
 from sparsegpt.solver import PruneResult
+from sparsegpt.spec import check_nm, check_sparsity
 
 _INF = float("inf")
 

@@ -10,30 +10,6 @@ from __future__ import annotations
 import torch
 
 
-def check_sparsity(sparsity: float) -> None:
-    """Raise unless ``0 <= sparsity < 1``."""
-    if not (isinstance(sparsity, (int, float)) and 0 <= sparsity < 1):
-        raise ValueError(f"sparsity must be a fraction in [0, 1) (e.g. 0.5), got {sparsity!r}")
-
-
-def check_nm(prune_n: int, prune_m: int, cols: int, blocksize: int | None = None) -> None:
-    """Raise unless ``(prune_n, prune_m)`` is ``(0, 0)`` or a valid N:M for ``cols`` columns."""
-    if prune_n == 0 and prune_m == 0:
-        return
-    if not (isinstance(prune_n, int) and isinstance(prune_m, int) and 0 < prune_n < prune_m):
-        raise ValueError(f"N:M sparsity needs integers 0 < N < M (e.g. 2:4 or 4:8), got {prune_n}:{prune_m}")
-    if cols % prune_m:
-        raise ValueError(
-            f"N:M sparsity {prune_n}:{prune_m} needs the input width ({cols}) to be a multiple of "
-            f"M={prune_m}; choose an M that divides {cols}"
-        )
-    if blocksize is not None and blocksize % prune_m:
-        raise ValueError(
-            f"blocksize ({blocksize}) must be a multiple of M={prune_m} so that N:M groups "
-            "do not straddle blocks; e.g. use blocksize 128"
-        )
-
-
 def check_prior_mask(prior: torch.Tensor | None, shape: torch.Size, max_pruned: int) -> None:
     """Raise unless ``prior`` is a bool mask of ``shape`` with at most ``max_pruned`` True."""
     if prior is None:

@@ -11,25 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-
-@dataclass(frozen=True)
-class QuantSpec:
-    """How surviving weights are quantized during the solve."""
-
-    bits: int = 4
-    """Bits per weight, 2-8: ``2**bits`` levels per output channel (or group)."""
-    groupsize: int = 0
-    """Input columns per grid; 0 means one grid per output channel."""
-
-    def __post_init__(self) -> None:
-        if not (isinstance(self.bits, int) and 2 <= self.bits <= 8):
-            raise ValueError(f"wbits must be an integer in 2..8, got {self.bits!r}")
-        if not (isinstance(self.groupsize, int) and self.groupsize >= 0):
-            raise ValueError(f"groupsize must be 0 (per channel) or a positive integer, got {self.groupsize!r}")
-
-    @property
-    def maxq(self) -> int:
-        return 2**self.bits - 1
+from sparsegpt.spec import QuantSpec
 
 
 @dataclass(frozen=True)

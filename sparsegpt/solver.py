@@ -20,8 +20,9 @@ from dataclasses import dataclass
 import torch
 
 from sparsegpt.hessian import hessian_inverse
-from sparsegpt.masks import check_nm, check_prior_mask, check_sparsity, lowest_k, target_count
-from sparsegpt.quant import QuantGrid, QuantSpec, quant_grid, quantize
+from sparsegpt.masks import check_prior_mask, lowest_k, target_count
+from sparsegpt.quant import QuantGrid, quant_grid, quantize
+from sparsegpt.spec import QuantSpec, check_nm, check_sparsity
 
 
 @dataclass(frozen=True)

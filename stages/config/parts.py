@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from sparsegpt import QuantSpec, check_nm, check_sparsity
+from sparsegpt.spec import QuantSpec, check_nm, check_sparsity
 from stages.config.tree import opt
 from stages.data.specs import parse_spec
 from stages.data.tasks import parse_task_specs

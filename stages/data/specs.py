@@ -24,8 +24,6 @@ from importlib.resources import files
 from pathlib import Path
 from typing import Any, Literal
 
-import pyarrow.parquet as pq
-
 CORPORA_PACKAGE = "sparsegpt_pipeline_data"
 """The repository's data/ folder, installed under this name (pyproject.toml) so as not to shadow a `data` package."""
 
@@ -202,6 +200,8 @@ def _split_field(rest: str) -> tuple[Path, str | None]:
 
 def _check_field(path: Path, fmt: str, field: str, spec: str) -> None:
     if fmt == "parquet":
+        import pyarrow.parquet as pq
+
         columns = pq.read_schema(path).names
     else:
         first = next(_jsonl_records(path), None)
@@ -229,6 +229,8 @@ def _read_rows(spec: DatasetSpec) -> list[str]:
     assert spec.path is not None
     fmt = spec.format
     if fmt == "parquet":
+        import pyarrow.parquet as pq
+
         return [str(v) for v in pq.read_table(spec.path, columns=[spec.field]).column(0).to_pylist()]
     if fmt == "jsonl":
         return [str(record[spec.field]) for record in _jsonl_records(spec.path)]

@@ -12,15 +12,18 @@ are the options of `sparsegpt progressive`, where this config is a part. `lr_fac
 the schedule as a pure function of the step, used through `torch.optim.lr_scheduler.LambdaLR`.
 """
 
+from __future__ import annotations
+
 import math
 from dataclasses import asdict, dataclass
-from typing import Literal
-
-import torch
+from typing import TYPE_CHECKING, Literal
 
 from stages.config.parts import RuntimeConfig
 from stages.config.tree import opt
 from stages.data.specs import parse_spec
+
+if TYPE_CHECKING:
+    import torch
 
 Schedule = Literal["cosine", "linear"]
 Autocast = Literal["none", "bf16", "fp16"]
@@ -145,6 +148,8 @@ class FinetuneConfig:
     @property
     def autocast_dtype(self) -> torch.dtype | None:
         """The autocast dtype, or None for full fp32."""
+        import torch
+
         return {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[self.autocast]
 
     def to_dict(self) -> dict:
@@ -173,7 +178,7 @@ class FinetuneRuntime(RuntimeConfig):
 
 def check_autocast(cfg: FinetuneConfig, device: str) -> None:
     """Refuse mixed precision on a CPU (it needs a GPU)."""
-    if torch.device(device).type == "cpu" and cfg.autocast != "none":
+    if device.split(":")[0] == "cpu" and cfg.autocast != "none":
         raise ValueError(f"autocast={cfg.autocast!r} needs a GPU; on device 'cpu' set autocast='none'")
 
 

@@ -15,6 +15,7 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -160,6 +161,24 @@ def max_positions(config: PretrainedConfig) -> int | None:
         if isinstance(value, int) and value > 0:
             return value
     return None
+
+
+def check_model(
+    model: str | os.PathLike, trust_remote_code: bool, device: str, seqlens: Mapping[str, int | None]
+) -> tuple[Path, PretrainedConfig]:
+    """Resolve `model` and refuse what its config shows to be wrong before any work: a sequence length
+    (`seqlens`: option name -> value) beyond its positions, a GPU that is not there. Returns the local
+    directory and the config."""
+    model_dir = resolve_model(model, trust_remote_code=trust_remote_code)
+    config = load_config(model_dir, trust_remote_code)
+    limit = max_positions(config)
+    for name, seqlen in seqlens.items():
+        if limit is not None and seqlen is not None and seqlen > limit:
+            flag = "--" + name.replace("_", "-")
+            raise ValueError(f"{name} {seqlen} is beyond the model's {limit} positions; use {flag} {limit} or less")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for but torch sees no GPU; use --device cpu")
+    return model_dir, config
 
 
 # ---------------------------------------------------------------- embedded default

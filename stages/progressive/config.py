@@ -14,11 +14,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from sparsegpt import check_sparsity
+from sparsegpt.spec import check_sparsity
 from stages.config import CalibConfig, EvalConfig, PruneConfig, PruneRuntime, SolverConfig, parse_nm
 from stages.config.tree import Tree, opt, part
 from stages.finetune.config import FinetuneConfig, FinetuneRuntime, check_autocast
-from stages.model.models import resolve_model
 
 SOLVER_OPTIONS = ("blocksize", "percdamp", "damp_retries")
 """The solver leaves a progressive run exposes: every round prunes with SparseGPT, keeping earlier zeros."""
@@ -153,6 +152,8 @@ class ProgressiveConfig(Tree):
     def round_model(self, k: int) -> Path:
         """The model a finished round k hands on (round 0: the dense model's directory)."""
         if k == 0:
+            from stages.model.models import resolve_model
+
             return resolve_model(self.model, trust_remote_code=self.trust_remote_code)
         sub = "finetune" if self.finetunes else "prune"
         return self.round_dir(k) / sub / "model"

@@ -43,6 +43,7 @@ from stages.config.tree import to_flat
 from stages.evaluate.evaluate import perplexity_cached, score_tasks
 from stages.finetune.config import FinetuneConfig
 from stages.model.models import compute_dtype
+from stages.progressive.check import check
 from stages.progressive.config import ProgressiveConfig, parse_schedule, target_of  # noqa: F401 (re-exported)
 from stages.progressive.masks import read_mask, write_mask  # noqa: F401 (read_mask re-exported)
 from stages.progressive.paths import RoundPaths, eval_key, first_unfinished, round_done  # noqa: F401
@@ -55,10 +56,10 @@ log = logging.getLogger("sparsegpt.progressive")
 
 
 def prepare(cfg: ProgressiveConfig) -> Path:
-    """Resolve the dense model and create or check RUN_DIR/run.json; return the dense model's directory."""
+    """`check` the run's settings, then create or check RUN_DIR/run.json; return the dense model's directory."""
     from stages.prune.oneshot import versions
 
-    dense = cfg.round_model(0)
+    dense = check(cfg)
     init_run(cfg.root(), cfg.identity(), versions(), upgrade=ProgressiveConfig.upgrade, options=to_flat(cfg))
     return dense
 

@@ -20,10 +20,9 @@ from __future__ import annotations
 import logging
 import platform
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -34,24 +33,21 @@ from stages.config.tree import to_flat
 from stages.data.calibration import read_tokens, sample_calibration, write_tokens
 from stages.model.assemble import assemble
 from stages.model.blocks import (
-    Skeleton,
-    find_blocks,
     find_layers,
-    get_weight,
     load_block,
     load_layer_kwargs,
     round_to_stored,
     run_block,
     save_block,
     save_layer_kwargs,
-    shared_meta_model,
     skeleton,
     stored_dtypes,
 )
 from stages.model.capture import capture_inputs
-from stages.model.models import compute_dtype, load_config, load_tokenizer, max_positions, resolve_model
+from stages.model.models import load_tokenizer
+from stages.prune.check import check, identity_upgrade, run_identity
 from stages.prune.pruning import block_outlier_ratio, collect_hessians, prune_block
-from stages.run.identity import check_run, init_run
+from stages.run.identity import init_run
 from stages.run.memory import release_memory
 from stages.run.rundir import (
     RunLock,
@@ -114,64 +110,11 @@ def versions() -> dict[str, str]:
     return {"torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version()}
 
 
-def check(cfg: PruneConfig) -> tuple[Path, Skeleton, torch.dtype]:
-    """Refuse, before any work (and before the CLI starts Prefect), what the arguments, the model's config
-    and the files show to be wrong: the model, its blocks, seqlen against its positions, N:M against its
-    layers' widths, a GPU that is not there, a run directory holding another run. Writes nothing."""
-    model_dir = resolve_model(cfg.model, trust_remote_code=cfg.trust_remote_code)
-    limit = max_positions(load_config(model_dir, cfg.trust_remote_code))
-    for name, seqlen in (("seqlen", cfg.calib.seqlen), ("eval_seqlen", cfg.eval_seqlen)):
-        if limit is not None and seqlen is not None and seqlen > limit:
-            raise ValueError(
-                f"{name} {seqlen} is beyond the model's {limit} positions; "
-                f"use --{name.replace('_', '-')} {limit} or less"
-            )
-    if cfg.runtime.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for but torch sees no GPU; use --device cpu")
-    sk = skeleton(model_dir, cfg.trust_remote_code)
-    check_nm_fits(cfg, sk)
-    dtype = compute_dtype(cfg.runtime.device, model_dir, cfg.runtime.dtype, cfg.trust_remote_code)
-    check_run(cfg.run_dir, run_identity(cfg, dtype), upgrade=_upgrade(dtype))
-    return model_dir, sk, dtype
-
-
 def prepare(cfg: PruneConfig) -> Run:
     """`check` the run's settings, then create or check run.json."""
     model_dir, sk, dtype = check(cfg)
-    init_run(cfg.run_dir, run_identity(cfg, dtype), versions(), upgrade=_upgrade(dtype), options=to_flat(cfg))
+    init_run(cfg.run_dir, run_identity(cfg, dtype), versions(), upgrade=identity_upgrade(dtype), options=to_flat(cfg))
     return Run(root=Path(cfg.run_dir), model_dir=model_dir, num_blocks=sk.num_blocks, dtype=dtype)
-
-
-def run_identity(cfg: PruneConfig, dtype: torch.dtype) -> dict:
-    """The config's identity and the compute dtype it resolved to: activations on disk are in that dtype,
-    so a resume with another `--dtype` (or a device whose auto dtype differs) is refused."""
-    return {**cfg.identity(), "compute_dtype": str(dtype).removeprefix("torch.")}
-
-
-def _upgrade(dtype: torch.dtype) -> Callable[[Mapping[str, Any]], dict]:
-    """Today's identity of a stored config; runs from before the compute dtype was recorded keep this one."""
-
-    def upgrade(stored: Mapping[str, Any]) -> dict:
-        name = stored.get("compute_dtype", str(dtype).removeprefix("torch."))
-        return {**PruneConfig.upgrade({k: v for k, v in stored.items() if k != "compute_dtype"}), "compute_dtype": name}
-
-    return upgrade
-
-
-def check_nm_fits(cfg: PruneConfig, sk: Skeleton) -> None:
-    """Refuse an N:M pattern whose M does not divide some pruned layer's input width (before any work)."""
-    n, m = cfg.solver.prune_nm
-    if not m:
-        return
-    _, blocks = find_blocks(shared_meta_model(sk.model_dir, cfg.trust_remote_code))
-    for i, block in enumerate(blocks):
-        for name, layer in find_layers(block).items():
-            cols = get_weight(layer).shape[1]
-            if cols % m:
-                raise ValueError(
-                    f"--nm {n}:{m} does not fit layer {sk.block_prefix(i)}{name}: its input width {cols} is not "
-                    f"a multiple of M={m}; choose an M that divides every layer's width (e.g. 2:4)"
-                )
 
 
 def calibrate(cfg: PruneConfig, run: Run) -> dict:

@@ -15,7 +15,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from stages.run.rundir import RUN_JSON, RunError, atomic_write_json
+from stages.run.rundir import LOCK_NAME, RUN_JSON, RunError, atomic_write_json
 
 
 def _canonical(obj: Any) -> str:
@@ -53,6 +53,10 @@ def config_diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
     ]
 
 
+OWN_NAMES = {LOCK_NAME, ".prefect"}
+"""What a run directory may hold before its run.json exists: the lock and Prefect's result store."""
+
+
 def check_run(
     run_dir: Path | str,
     config: Mapping[str, Any],
@@ -64,11 +68,19 @@ def check_run(
     `upgrade` maps a stored config (written by this or an older version, e.g. a flat
     one) onto today's identity before the comparison; a stored config it cannot read is
     compared as it is. A run directory created with a different config raises
-    `RunError` listing the differences key by key.
+    `RunError` listing the differences key by key; so does a directory that exists, is not empty and holds
+    no run.json (it may be the parent of other runs, whose temporary files a sweep would delete).
     """
     run_dir = Path(run_dir)
     path = run_dir / RUN_JSON
     if not path.exists():
+        foreign = sorted(p.name for p in run_dir.iterdir() if p.name not in OWN_NAMES) if run_dir.is_dir() else []
+        if foreign:
+            raise RunError(
+                f"run dir {run_dir} is not empty and holds no {RUN_JSON} (it has {', '.join(foreign[:3])}"
+                f"{', ...' if len(foreign) > 3 else ''}); it may be the parent of other runs: "
+                "pass a new or empty --run-dir"
+            )
         return False
     try:
         stored = json.loads(path.read_text(encoding="utf-8"))["config"]

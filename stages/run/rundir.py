@@ -204,6 +204,14 @@ class RunLock:
                 f"run dir {self.run_dir} is in use by another process "
                 f"({holder or 'pid unknown'}); wait for it to finish or use another --run-dir"
             ) from None
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                raise
+            raise RunError(
+                f"the file system of {self.run_dir} does not support file locks (flock: {exc.strerror}); "
+                "use a --run-dir on a local disk"
+            ) from None
         except BaseException:
             os.close(fd)
             raise

@@ -108,8 +108,11 @@ def test_cli_rejects_bad_options_in_one_line(tiny_llama_dir, tmp_path, capsys, o
         ("llama", ["--seqlen", "100"], r"seqlen 100 is beyond the model's 64 positions; use --seqlen 64 or less"),
         ("llama", ["--nm", "2:5", "--blocksize", "20"], r"--nm 2:5 does not fit layer model\.layers\.0"),
         ("other-run", [], r"holds a run with different options: calib\.nsamples: 7 \(run dir\) != 6"),
+        ("foreign-dir", [], r"run dir .*run is not empty and holds no run\.json \(it has notes\.txt\).*new or empty"),
+        ("no-disk", [], r"not enough free disk for .*run: the run needs about 0\.\d\d GiB more, .* has 0\.00 GiB free"),
+        ("llama", ["--device", "cuda"], r"--device cuda was asked for but torch sees no GPU; use --device cpu"),
     ],
-    ids=["missing-model", "seqlen-too-long", "nm-width", "run-dir-of-another-run"],
+    ids=["missing-model", "seqlen-too-long", "nm-width", "run-dir-of-another-run", "foreign-dir", "no-disk", "no-gpu"],
 )
 def test_cli_checks_the_model_and_run_dir_before_prefect_starts(
     tiny_llama_dir, tmp_path, capsys, monkeypatch, model, options, expected
@@ -119,14 +122,60 @@ def test_cli_checks_the_model_and_run_dir_before_prefect_starts(
     run_dir = tmp_path / "run"
     if model == "other-run":
         prepare(tiny_cfg(tiny_llama_dir, run_dir, nsamples=7))
-    before = (run_dir / "run.json").read_bytes() if run_dir.exists() else None
+    if model == "foreign-dir":
+        run_dir.mkdir()
+        (run_dir / "notes.txt").write_text("not a run")
+    if model == "no-disk":
+        monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**12, 10**12, 4096))
+    if "--device" in options and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    before = (run_dir / "run.json").read_bytes() if (run_dir / "run.json").exists() else None
     monkeypatch.delitem(sys.modules, "flows.oneshot", raising=False)
     path = tmp_path / "nope" if model == "missing" else tiny_llama_dir
     code = main(["prune", str(path), "--run-dir", str(run_dir), "--nsamples", "6", "--seqlen", "32", *options])
     out, err = capsys.readouterr()
     assert code == 2 and out == "" and err.count("\n") == 1 and re.search(expected, err), err
     assert "flows.oneshot" not in sys.modules
-    assert (run_dir / "run.json").read_bytes() == before if before else not run_dir.exists()
+    if model == "foreign-dir":
+        assert sorted(p.name for p in run_dir.iterdir()) == ["notes.txt"]
+    else:
+        assert (run_dir / "run.json").read_bytes() == before if before else not run_dir.exists()
+
+
+@pytest.mark.parametrize(
+    ("command", "options", "expected"),
+    [
+        ("eval", ["MISSING", "--eval", "pydoc"], r"model path .*nope does not exist"),
+        ("eval", ["LLAMA", "--eval", "pydoc", "--seqlen", "65"], r"eval_seqlen 65 is beyond the model's 64 positions"),
+        ("progressive", ["MISSING", "--run-dir", "RUN"], r"model path .*nope does not exist"),
+        ("progressive", ["LLAMA", "--run-dir", "RUN", "--seqlen", "65"], r"seqlen 65 is beyond the model's 64"),
+        (
+            "progressive",
+            ["LLAMA", "--run-dir", "RUN", "--seqlen", "32", "--schedule", "2:5", "--blocksize", "20"],
+            r"--nm 2:5 does not fit layer model\.layers\.0",
+        ),
+        ("progressive", ["LLAMA", "--run-dir", "OTHER", "--seqlen", "32"], r"holds a run with different options: sch"),
+    ],
+    ids=["eval-missing-model", "eval-seqlen", "prog-missing-model", "prog-seqlen", "prog-nm-width", "prog-other-run"],
+)
+def test_cli_eval_and_progressive_check_before_prefect_starts(
+    tiny_llama_dir, tmp_path, capsys, monkeypatch, command, options, expected
+) -> None:
+    other = tmp_path / "other"
+    if "OTHER" in options:
+        from stages.progressive.config import ProgressiveConfig
+        from stages.run.identity import init_run
+
+        prior = ProgressiveConfig.of(model=str(tiny_llama_dir), run_dir=str(other), schedule="0.5,0.6", seqlen=32)
+        init_run(other, prior.identity(), {}, options={})
+    names = {"MISSING": tmp_path / "nope", "LLAMA": tiny_llama_dir, "RUN": tmp_path / "run", "OTHER": other}
+    flow_module = {"eval": "flows.evaluate", "progressive": "flows.progressive"}[command]
+    monkeypatch.delitem(sys.modules, flow_module, raising=False)
+    code = main([command, *(str(names.get(o, o)) for o in options)])
+    out, err = capsys.readouterr()
+    assert code == 2 and out == "" and err.count("\n") == 1 and re.search(expected, err), err
+    assert flow_module not in sys.modules
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize(

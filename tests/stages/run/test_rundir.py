@@ -273,3 +273,25 @@ def test_interrupted_delete_leaves_no_folder_under_its_name(tmp_path: Path, monk
     (tmp_path / "sub" / ".a.bin.tmp-999").write_bytes(b"x")
     removed = sweep_tmp(tmp_path)
     assert len(removed) == 2 and sorted(p.name for p in tmp_path.rglob("*")) == ["sub"]
+
+
+def test_file_system_without_flock_gets_one_line_naming_it(tmp_path: Path, monkeypatch) -> None:
+    def no_locks(fd: int, op: int) -> None:
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(rundir.fcntl, "flock", no_locks)
+    with pytest.raises(RunError, match=r"file system of .* does not support file locks .*local disk") as exc:
+        RunLock(tmp_path / "run").acquire()
+    assert "\n" not in str(exc.value)
+
+
+def test_a_non_empty_folder_without_run_json_is_not_taken_as_a_run(tmp_path: Path) -> None:
+    """It may be the parent of other runs: a sweep of its temporary files could hit theirs."""
+    parent = tmp_path / "runs"
+    (parent / "other-run").mkdir(parents=True)
+    with pytest.raises(RunError, match=r"not empty and holds no run\.json \(it has other-run\)"):
+        init_run(parent, {"a": 1}, {})
+    assert not (parent / "run.json").exists()
+    (tmp_path / "empty" / ".prefect").mkdir(parents=True)  # what a flow run may leave before run.json
+    init_run(tmp_path / "empty", {"a": 1}, {})
+    assert (tmp_path / "empty" / "run.json").is_file()

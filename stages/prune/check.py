@@ -1,0 +1,101 @@
+"""What a one-shot prune refuses before any work, and the identity its run directory keys on.
+
+`check` reads the arguments, the model's config and the files' existence only, cheapest
+first (the model skeleton, the one costly import, comes last), so that the command
+line answers bad input in a few seconds, before Prefect starts. It writes nothing.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from stages.config import PruneConfig
+from stages.model.models import SafetensorsIndex, check_model, compute_dtype
+from stages.run.identity import check_run
+from stages.run.rundir import RunError
+
+if TYPE_CHECKING:
+    from stages.model.blocks import Skeleton
+
+
+def check(cfg: PruneConfig) -> tuple[Path, Skeleton, torch.dtype]:
+    """Refuse what the arguments, the model's config and the files show to be wrong: the model, its
+    blocks, seqlen against its positions, N:M against its layers' widths, a GPU that is not there, a run
+    directory holding another run, too little free disk. Returns the model directory, its skeleton and the
+    compute dtype."""
+    seqlens = {"seqlen": cfg.calib.seqlen, "eval_seqlen": cfg.eval_seqlen}
+    model_dir, config = check_model(cfg.model, cfg.trust_remote_code, cfg.runtime.device, seqlens)
+    dtype = compute_dtype(cfg.runtime.device, model_dir, cfg.runtime.dtype, cfg.trust_remote_code)
+    check_run(cfg.run_dir, run_identity(cfg, dtype), upgrade=identity_upgrade(dtype))
+    check_free_disk(cfg, model_dir, config, dtype)
+    from stages.model.blocks import skeleton  # builds the model on the meta device: transformers' modeling code
+
+    sk = skeleton(model_dir, cfg.trust_remote_code)
+    check_nm_fits(cfg, sk)
+    return model_dir, sk, dtype
+
+
+def run_identity(cfg: PruneConfig, dtype: torch.dtype) -> dict:
+    """The config's identity and the compute dtype it resolved to: activations on disk are in that dtype,
+    so a resume with another `--dtype` (or a device whose auto dtype differs) is refused."""
+    return {**cfg.identity(), "compute_dtype": str(dtype).removeprefix("torch.")}
+
+
+def identity_upgrade(dtype: torch.dtype) -> Callable[[Mapping[str, Any]], dict]:
+    """Today's identity of a stored config; runs from before the compute dtype was recorded keep this one."""
+
+    def upgrade(stored: Mapping[str, Any]) -> dict:
+        name = stored.get("compute_dtype", str(dtype).removeprefix("torch."))
+        return {**PruneConfig.upgrade({k: v for k, v in stored.items() if k != "compute_dtype"}), "compute_dtype": name}
+
+    return upgrade
+
+
+def disk_needed(cfg: PruneConfig, model_dir: Path, config: Any, dtype: torch.dtype) -> int:
+    """Bytes a prune writes at its peak: the pruned blocks and `model/` (each about the checkpoint's size)
+    and the activation boundaries kept at once (`keep_acts` + the one being written)."""
+    index = SafetensorsIndex.open(model_dir)
+    weights = sum((model_dir / f).stat().st_size for f in index.files())
+    hidden = getattr(config.get_text_config(), "hidden_size", 0) or 0
+    boundary = cfg.calib.nsamples * cfg.calib.seqlen * hidden * dtype.itemsize
+    return 2 * weights + (cfg.runtime.keep_acts + 1) * boundary
+
+
+def check_free_disk(cfg: PruneConfig, model_dir: Path, config: Any, dtype: torch.dtype) -> None:
+    """Refuse a run whose peak disk use exceeds the free space under its run directory (minus what a
+    resumed run has already written)."""
+    root = Path(cfg.run_dir)
+    existing = root
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    done = sum(p.stat().st_size for p in root.rglob("*") if p.is_file()) if root.is_dir() else 0
+    needed = disk_needed(cfg, model_dir, config, dtype) - done
+    free = shutil.disk_usage(existing).free
+    if needed > free:
+        raise RunError(
+            f"not enough free disk for {root}: the run needs about {needed / 2**30:.2f} GiB more, "
+            f"{existing} has {free / 2**30:.2f} GiB free; free space there or use a --run-dir on a larger disk"
+        )
+
+
+def check_nm_fits(cfg: PruneConfig, sk: Skeleton) -> None:
+    """Refuse an N:M pattern whose M does not divide some pruned layer's input width (before any work)."""
+    from stages.model.blocks import find_blocks, find_layers, get_weight, shared_meta_model
+
+    n, m = cfg.solver.prune_nm
+    if not m:
+        return
+    _, blocks = find_blocks(shared_meta_model(sk.model_dir, cfg.trust_remote_code))
+    for i, block in enumerate(blocks):
+        for name, layer in find_layers(block).items():
+            cols = get_weight(layer).shape[1]
+            if cols % m:
+                raise ValueError(
+                    f"--nm {n}:{m} does not fit layer {sk.block_prefix(i)}{name}: its input width {cols} is not "
+                    f"a multiple of M={m}; choose an M that divides every layer's width (e.g. 2:4)"
+                )
