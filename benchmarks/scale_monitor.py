@@ -57,8 +57,9 @@ class Measured:
 
 
 def dir_bytes(path: Path) -> int:
-    """Allocated bytes of every file under `path` (st_blocks, like `du`); 0 if it does not exist."""
-    total, stack = 0, [str(path)]
+    """Allocated bytes of every file under `path` (st_blocks, like `du`: a hard-linked file counts once);
+    0 if it does not exist."""
+    total, stack, seen = 0, [str(path)], set()
     while stack:
         try:
             with os.scandir(stack.pop()) as it:
@@ -67,7 +68,11 @@ def dir_bytes(path: Path) -> int:
                         if e.is_dir(follow_symlinks=False):
                             stack.append(e.path)
                         else:
-                            total += e.stat(follow_symlinks=False).st_blocks * 512
+                            st = e.stat(follow_symlinks=False)
+                            if st.st_nlink > 1 and (st.st_dev, st.st_ino) in seen:
+                                continue
+                            seen.add((st.st_dev, st.st_ino))
+                            total += st.st_blocks * 512
                     except FileNotFoundError:  # removed while walking (temporary files, pruned boundaries)
                         pass
         except (FileNotFoundError, NotADirectoryError):

@@ -2,10 +2,14 @@
 
 The output keeps the original tensor names and dtypes: non-block tensors (embeddings,
 final norm, lm_head) are copied from the original safetensors, and the tensors of
-block i come from its own file written by `stages.model.blocks.save_block` (block-relative
-names). Output shards hold whole blocks up to `max_shard_bytes`; a shard's header is
-written first, from the input files' headers, and its tensors are then streamed one
-block at a time, so one block is the most ever in memory whatever the shard size.
+block i come from its own file written by `stages.model.blocks.save_block`. A block file
+that already is a shard of the output (checkpoint names and dtypes, as the prune stage
+writes it) becomes one by a hard link: the output costs no disk beyond its non-block
+tensors (a copy where the file system has no hard links). Other block files (block-relative
+names, another dtype) are streamed: output shards hold whole blocks up to
+`max_shard_bytes`; a shard's header is written first, from the input files' headers, and
+its tensors are then streamed one block at a time, so one block is the most ever in
+memory whatever the shard size.
 Sharded output gets a `model.safetensors.index.json`; config, generation config and
 tokenizer files are copied. The folder is written under a temporary name and renamed into place.
 """
@@ -53,6 +57,8 @@ class _Unit:
     layout: dict[str, tuple[torch.dtype, tuple[int, ...]]]
     """Output name -> (dtype written, shape), in writing order; read from safetensors headers only."""
     load: Callable[[], dict[str, torch.Tensor]]
+    shard: Path | None = None
+    """A file that is this unit's output shard as it is (linked, not rewritten)."""
 
     @property
     def nbytes(self) -> int:
@@ -70,12 +76,13 @@ def _header(path: Path) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
 
 
 def _block_unit(path: Path, i: int, sk: Skeleton, dtypes: dict[str, torch.dtype]) -> _Unit:
-    """Block i from its own file, under its checkpoint names (exactly the block's state dict)."""
+    """Block i from its own file, under its checkpoint names (exactly the block's state dict); the file in
+    checkpoint names may hold them prefixed already."""
     prefix = sk.block_prefix(i)
     found = _header(path)
+    full = {n if n.startswith(prefix) else prefix + n: n for n in found}  # output name -> name in the file
     expected = {prefix + n for n in sk.state_keys[i]}
-    names = {prefix + n for n in found}
-    unknown, missing = sorted(names - expected), sorted(expected - names)
+    unknown, missing = sorted(full.keys() - expected), sorted(expected - full.keys())
     if unknown or missing:
         raise ValueError(
             f"{path} does not match block {i} of {sk.architecture}: missing {missing[:5]}, unknown {unknown[:5]}; "
@@ -84,9 +91,11 @@ def _block_unit(path: Path, i: int, sk: Skeleton, dtypes: dict[str, torch.dtype]
 
     def load() -> dict[str, torch.Tensor]:
         with safe_open(str(path), framework="pt") as f:
-            return {prefix + n: f.get_tensor(n) for n in found}
+            return {name: f.get_tensor(stored) for name, stored in full.items()}
 
-    return _Unit({prefix + n: (dtypes.get(prefix + n, dt), shape) for n, (dt, shape) in found.items()}, load)
+    layout = {name: (dtypes.get(name, found[stored][0]), found[stored][1]) for name, stored in full.items()}
+    as_is = all(name == stored and layout[name][0] == found[stored][0] for name, stored in full.items())
+    return _Unit(layout, load, path if as_is else None)
 
 
 def _units(
@@ -148,18 +157,32 @@ def assemble(
 
 
 def _write_shards(units: list[_Unit], folder: Path, max_bytes: int) -> list[dict[str, int]]:
-    """Group units into shards of at most `max_bytes` (a unit is never split); return each shard's sizes."""
+    """Group units into shards of at most `max_bytes` (a unit is never split; one that is a shard as it is
+    stays alone and is linked); return each shard's sizes."""
     groups: list[list[_Unit]] = []
     for unit in units:
-        if groups and sum(u.nbytes for u in groups[-1]) + unit.nbytes <= max_bytes:
-            groups[-1].append(unit)
+        last = groups[-1] if groups else None
+        streamed = last is not None and unit.shard is None and last[0].shard is None
+        if streamed and sum(u.nbytes for u in last) + unit.nbytes <= max_bytes:
+            last.append(unit)
         else:
             groups.append([unit])
     shards = []
     for j, group in enumerate(groups):
-        _stream_safetensors(folder / f"shard-{j:05d}.safetensors", group)
+        if group[0].shard is not None:
+            _link_or_copy(group[0].shard, folder / f"shard-{j:05d}.safetensors")
+        else:
+            _stream_safetensors(folder / f"shard-{j:05d}.safetensors", group)
         shards.append({k: math.prod(shape) * dt.itemsize for u in group for k, (dt, shape) in u.layout.items()})
     return shards
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    """A hard link (no bytes written), or a copy on a file system without hard links between the two."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
 
 
 def _stream_safetensors(path: Path, units: list[_Unit]) -> None:

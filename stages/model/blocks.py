@@ -250,17 +250,22 @@ def round_to_stored(block: nn.Module, dtypes: dict[str, torch.dtype]) -> None:
 
 
 def save_block(
-    path: PathLike, block_state_dict: dict[str, torch.Tensor], dtypes: dict[str, torch.dtype] | None = None
+    path: PathLike,
+    block_state_dict: dict[str, torch.Tensor],
+    dtypes: dict[str, torch.dtype] | None = None,
+    prefix: str = "",
 ) -> None:
-    """Write a block's state dict (block-relative names) to a safetensors file, atomically; floating tensors
-    named in `dtypes` are stored in that dtype (the checkpoint's, so blocks/ costs what the model costs)."""
+    """Write a block's state dict to a safetensors file, atomically, its names prefixed by `prefix` (the
+    block's checkpoint prefix: then the file is a shard of the checkpoint as it is, which
+    `stages.model.assemble` links into the output instead of copying). Floating tensors named in `dtypes`
+    (block-relative names) are stored in that dtype: the checkpoint's, so the file costs what the block costs."""
     dtypes = dtypes or {}
     tensors = {}
     for k, v in block_state_dict.items():
         v = v.detach().to("cpu")
         if k in dtypes and v.is_floating_point() and dtypes[k].is_floating_point:
             v = v.to(dtypes[k])
-        tensors[k] = v.contiguous()
+        tensors[prefix + k] = v.contiguous()
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata={"format": "pt"})
 

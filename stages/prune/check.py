@@ -57,13 +57,14 @@ def identity_upgrade(dtype: torch.dtype) -> Callable[[Mapping[str, Any]], dict]:
 
 
 def disk_needed(cfg: PruneConfig, model_dir: Path, config: Any, dtype: torch.dtype) -> int:
-    """Bytes a prune writes at its peak: the pruned blocks and `model/` (each about the checkpoint's size)
-    and the activation boundaries kept at once (`keep_acts` + the one being written)."""
+    """Bytes a prune writes at its peak: the pruned blocks (about the checkpoint's size; `model/` links
+    them and adds its non-block tensors) and the activation boundaries kept at once (`keep_acts` + the one
+    being written)."""
     index = SafetensorsIndex.open(model_dir)
     weights = sum((model_dir / f).stat().st_size for f in index.files())
     hidden = getattr(config.get_text_config(), "hidden_size", 0) or 0
     boundary = cfg.calib.nsamples * cfg.calib.seqlen * hidden * dtype.itemsize
-    return 2 * weights + (cfg.runtime.keep_acts + 1) * boundary
+    return weights + (cfg.runtime.keep_acts + 1) * boundary
 
 
 def check_free_disk(cfg: PruneConfig, model_dir: Path, config: Any, dtype: torch.dtype) -> None:

@@ -161,12 +161,16 @@ def _load_kwargs(run: Run) -> dict:
 
 
 def _load_pruned(cfg: PruneConfig, run: Run, i: int, dtype: torch.dtype) -> torch.nn.Module:
-    """Block i with its pruned weights from blocks/block_i.safetensors."""
+    """Block i with its pruned weights from blocks/block_i.safetensors (checkpoint names, or block-relative
+    names in runs from before the files were shards of the output)."""
     from safetensors.torch import load_file
 
     block = load_block(run.model_dir, i, cfg.runtime.device, dtype, cfg.trust_remote_code)
     state = load_file(str(run.block_file(i)), device=str(cfg.runtime.device))
-    block.load_state_dict({k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()})
+    prefix = skeleton(run.model_dir, cfg.trust_remote_code).block_prefix(i)
+    block.load_state_dict(
+        {k.removeprefix(prefix): v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    )
     return block
 
 
@@ -242,7 +246,7 @@ def prune_one(cfg: PruneConfig, run: Run, i: int, sparsity: float) -> dict:
     stored = stored_dtypes(run.model_dir, i, cfg.trust_remote_code)
     round_to_stored(block, stored)  # the next block's inputs are what the saved (checkpoint-dtype) block gives
     _forward_to_shards(cfg, block, run.acts(i), run.acts(i + 1), kwargs)
-    save_block(run.block_file(i), block.state_dict(), stored)
+    save_block(run.block_file(i), block.state_dict(), stored, prefix)
     payload = {
         "block": i,
         "seconds": time.perf_counter() - t0,

@@ -105,16 +105,33 @@ def atomic_write_json(path: Path | str, obj: Any) -> None:
 
 
 _HASHED = [0]
+_KNOWN: dict[tuple[int, int, int, int], str] = {}
+"""sha256 of the files this process has hashed, by (device, inode, size, mtime): a file is hashed once per
+process, whether it wrote the file (its record) or a resumed run first reads it; a hard link (model/ shares
+its block files) is the same inode. Replacing a file (every writer here renames a new one into place) or
+writing to it changes the key; a file corrupted in place without a new mtime is caught by the next process."""
 
 
 def sha256_file(path: Path | str) -> str:
-    """Hex sha256 of a file, read in 1 MiB chunks (counted by `bytes_hashed`)."""
-    h = hashlib.sha256()
+    """Hex sha256 of a file, read in 1 MiB chunks (counted by `bytes_hashed`) unless this process hashed the
+    same unchanged file before."""
     with open(path, "rb") as f:
+        st = os.fstat(f.fileno())
+        key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        if key in _KNOWN:
+            return _KNOWN[key]
+        h = hashlib.sha256()
         while chunk := f.read(_CHUNK):
             h.update(chunk)
             _HASHED[0] += len(chunk)
-    return h.hexdigest()
+    _KNOWN[key] = h.hexdigest()
+    return _KNOWN[key]
+
+
+def forget_hashes() -> None:
+    """Drop the hashes this process remembers: the next check of every file reads it again, as a new
+    process would (tests that corrupt a file in place use it)."""
+    _KNOWN.clear()
 
 
 def bytes_hashed() -> int:

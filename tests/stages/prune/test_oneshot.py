@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -89,7 +90,7 @@ def test_baseline_methods_and_owl(tiny_llama_dir, tmp_path, method):
 def test_resume_skips_finished_blocks_and_redoes_corrupt_ones(tiny_llama_dir, tmp_path):
     cfg = tiny_cfg(tiny_llama_dir, tmp_path / "run")
     run = run_pipeline(cfg)
-    first = model_tensors(run.model)
+    first = {k: v.clone() for k, v in model_tensors(run.model).items()}  # model/ shares the block files
     rec0, rec1 = run.block_record(0), run.block_record(1)
     t0, t1 = rec0.stat().st_mtime_ns, rec1.stat().st_mtime_ns
     # Corrupt block 1's weights (same size), drop the assembled model: block 1 is redone, block 0 is not.
@@ -138,20 +139,38 @@ def test_rebuilt_activations_keep_disk_to_keep_acts_boundaries(tiny_llama_dir, t
     assert on_disk == [["block_000"], ["block_000", "block_001"], ["block_001", "block_002"]]
 
 
-def test_block_records_count_the_bytes_hashed(tiny_llama_dir, tmp_path, monkeypatch):
-    """`bytes_hashed` counts every byte sha256_file reads; a block record holds at least its new boundary's
-    and its own file's bytes (today each boundary is hashed four times: a figure, not a target)."""
+def test_each_boundary_is_hashed_once_when_written_and_once_when_a_resumed_process_reads_it(tiny_llama_dir, tmp_path):
+    """A block record's `bytes_hashed`: the boundary it wrote and its own file, each once; the process that
+    wrote its input boundary does not hash it again. A resumed process hashes the input it reads once."""
     import stages.run.rundir as rundir
 
-    seen = []
-    real = rundir.sha256_file
-    monkeypatch.setattr(rundir, "sha256_file", lambda p: (seen.append(Path(p).stat().st_size), real(p))[1])
-    h0 = rundir.bytes_hashed()
+    cfg = tiny_cfg(tiny_llama_dir, tmp_path / "run")
+    run = run_pipeline(cfg)
+    last = run.num_blocks - 1
+    boundary = sum(p.stat().st_size for p in run.acts(last + 1).glob("*.arrow"))  # every boundary's size
+    for i in range(run.num_blocks):
+        rec = json.loads(run.block_record(i).read_text())
+        assert rec["bytes_hashed"] == boundary + run.block_file(i).stat().st_size, i
+    run.block_record(last).unlink()
+    rundir.forget_hashes()  # as a new process
+    run_pipeline(cfg)
+    rec = json.loads(run.block_record(last).read_text())
+    assert rec["bytes_hashed"] == 2 * boundary + run.block_file(last).stat().st_size
+
+
+def test_model_links_the_block_files_instead_of_copying_them(tiny_llama_dir, tmp_path):
+    """Each block file is a shard of the output under its checkpoint names: model/ holds it as a hard link,
+    so the pruned model costs the disk of its non-block tensors only, and it loads with no key missing."""
     run = run_pipeline(tiny_cfg(tiny_llama_dir, tmp_path / "run"))
-    assert rundir.bytes_hashed() - h0 == sum(seen) > 0
-    rec = json.loads(run.block_record(1).read_text())
-    shards = sum(p.stat().st_size for p in run.acts(2).glob("*.arrow"))
-    assert rec["bytes_hashed"] >= shards + run.block_file(1).stat().st_size
+    shards = sorted(run.model.glob("*.safetensors"))
+    for i in range(run.num_blocks):
+        assert sum(os.path.samefile(run.block_file(i), s) for s in shards) == 1, i
+    inodes = {p.stat().st_ino: p.stat().st_size for p in [*shards, *run.root.glob("blocks/*.safetensors")]}
+    blocks = sum(run.block_file(i).stat().st_size for i in range(run.num_blocks))
+    non_block = [s for s in shards if not any(os.path.samefile(s, run.block_file(i)) for i in range(run.num_blocks))]
+    assert sum(inodes.values()) == blocks + sum(s.stat().st_size for s in non_block)
+    model, info = AutoModelForCausalLM.from_pretrained(run.model, output_loading_info=True)
+    assert not any(info.values())
 
 
 def test_old_activations_are_deleted(tiny_llama_dir, tmp_path):

@@ -96,6 +96,22 @@ def test_disk_full_on_rename_keeps_old_file(tmp_path: Path, monkeypatch) -> None
     assert _tmp_files(tmp_path) == []
 
 
+def test_a_file_is_hashed_once_per_process_until_it_is_replaced(tmp_path: Path) -> None:
+    """The writer's record and every later check in the same process share one hash; a hard link is the same
+    file; a file renamed into place is a new one; `forget_hashes` makes the next check read it again."""
+    atomic_write_bytes(tmp_path / "a", b"x" * 3000)
+    h0 = rundir.bytes_hashed()
+    first = sha256_file(tmp_path / "a")
+    os.link(tmp_path / "a", tmp_path / "link")
+    assert sha256_file(tmp_path / "a") == sha256_file(tmp_path / "link") == first
+    assert rundir.bytes_hashed() - h0 == 3000
+    atomic_write_bytes(tmp_path / "a", b"y" * 3000)
+    assert sha256_file(tmp_path / "a") == hashlib.sha256(b"y" * 3000).hexdigest()
+    assert rundir.bytes_hashed() - h0 == 6000
+    rundir.forget_hashes()
+    assert sha256_file(tmp_path / "link") == first and rundir.bytes_hashed() - h0 == 9000
+
+
 def test_sha256_file_streams_large_files(tmp_path: Path) -> None:
     data = os.urandom((1 << 20) * 2 + 123)
     (tmp_path / "big").write_bytes(data)
@@ -125,11 +141,13 @@ def test_record_verifies_and_returns_payload(tmp_path: Path) -> None:
 def test_record_detects_changed_truncated_and_missing_files(tmp_path: Path) -> None:
     rec, a, b = _record_with_files(tmp_path)
     a.write_bytes(b"A" * 999 + b"X")  # same size, different content
+    rundir.forget_hashes()  # changed in place within the clock's tick, it may keep its mtime: as a new process
     assert verify_record(rec) is None
     assert verify_record(rec, quick=True) is not None  # the documented trade-off
     a.write_bytes(b"A" * 500)
     assert verify_record(rec, quick=True) is None
     a.write_bytes(b"A" * 1000)
+    rundir.forget_hashes()
     assert verify_record(rec) is not None
     b.unlink()
     assert verify_record(rec) is None
