@@ -1,5 +1,5 @@
 """The evaluation flow: perplexity of any checkpoint on dataset SPECs, block by block, and
-zero-shot task scores (the whole model in memory), with a progress artifact per step."""
+zero-shot task scores, also block by block, with a progress artifact per step."""
 
 from __future__ import annotations
 

@@ -4,7 +4,7 @@
 are captured for all windows, then every block is loaded alone and run over them, and
 the model's head turns the last hidden states into losses. Peak memory is one block
 plus one boundary of activations, whatever the depth. `score_tasks` gives zero-shot
-task scores (`stages.evaluate.tasks.zeroshot`), which need the whole model in memory. `evaluate_run`
+task scores (`stages.evaluate.tasks.zeroshot`), block by block too (`stages.evaluate.tasks.blockwise`). `evaluate_run`
 writes `eval/metrics.json` for a pruned run: dense and pruned perplexity for every eval
 SPEC, dense and pruned task scores (key "tasks"), the achieved sparsity overall and per
 layer, and timings. Each (model, SPEC) result is a done-record under `eval/`, so a rerun
@@ -27,6 +27,7 @@ from stages.config.tree import to_flat
 from stages.data.specs import parse_spec
 from stages.data.tasks import parse_task_specs
 from stages.evaluate.perplexity import Perplexity, eval_windows
+from stages.evaluate.tasks.blockwise import Blockwise
 from stages.evaluate.tasks.zeroshot import evaluate_tasks
 from stages.model.blocks import load_block, run_block, skeleton
 from stages.model.capture import Head, capture_inputs
@@ -124,16 +125,6 @@ def sparsity_report(records: list[dict]) -> dict:
     return {"overall": zeros / total if total else 0.0, "per_layer": per_layer}
 
 
-def load_causal_lm(
-    model_dir: Path, device: str, dtype: torch.dtype, trust_remote_code: bool = False
-) -> torch.nn.Module:
-    """The whole checkpoint as an eval-mode causal LM on ``device`` (zero-shot tasks need it in memory)."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, trust_remote_code=trust_remote_code)
-    return model.to(device).eval()
-
-
 def score_tasks(
     model_dir: Path,
     specs: list[str],
@@ -160,7 +151,7 @@ def score_tasks(
         done = verify_record(record) if record is not None else None
         if done is None or done.get("spec") != spec:
             if model is None:
-                model = load_causal_lm(model_dir, device, dtype, trust_remote_code)
+                model = Blockwise(model_dir, device, dtype, trust_remote_code)
                 tok = load_tokenizer(model_dir, trust_remote_code)
             t0 = time.perf_counter()
             scores = evaluate_tasks(model, tok, [spec], limit, batch_size, max_positions(model.config), progress)[

@@ -88,6 +88,13 @@ def _run_trunk(model: PreTrainedModel, input_ids: torch.Tensor) -> object:
         return None
 
 
+def _run_trunk_with(model: PreTrainedModel, input_ids: torch.Tensor, model_kwargs: dict) -> object:
+    try:
+        return model(input_ids=input_ids, use_cache=False, **model_kwargs)
+    except _Stop:
+        return None
+
+
 def _clean_kwargs(kwargs: Kwargs) -> Kwargs:
     """Drop what a later block call must not get: Nones and cache objects."""
     return {k: v for k, v in kwargs.items() if v is not None and not isinstance(v, Cache)}
@@ -157,6 +164,23 @@ class Head:
     ) -> None:
         self.device, self.dtype = torch.device(device), dtype
         self.model, self._state = _trunk(model_dir, device, dtype, trust_remote_code)
+
+    @torch.no_grad()
+    def block_inputs(self, input_ids: torch.Tensor, **model_kwargs: object) -> tuple[torch.Tensor, list[Kwargs]]:
+        """What each block receives for a batch of `input_ids` (b, L) run with `model_kwargs` (e.g. an
+        attention mask and position ids): block 0's hidden states, and every block's keyword arguments at
+        this batch size (usually one object shared by all blocks)."""
+        self._state.stop_at = self._state.num_blocks - 1
+        try:
+            _run_trunk_with(self.model, input_ids.to(self.device), model_kwargs)
+            calls = list(self._state.calls)
+        finally:
+            self._state.stop_at = None
+            self._state.calls.clear()
+        if len(calls) != self._state.num_blocks:
+            name = type(self.model).__name__
+            raise ValueError(f"{name} called {len(calls)} of its {self._state.num_blocks} blocks; cannot capture")
+        return calls[0][1], [_clean_kwargs(kw) for _, _, kw in calls]
 
     @torch.no_grad()
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -138,8 +138,28 @@ def _pack(trees: list[_Tree]) -> list[list[_Tree]]:
     return lines
 
 
+@dataclass
+class Pass:
+    """One right-padded forward pass over lines of trees: its inputs, and where each request's logits land."""
+
+    ids: torch.Tensor
+    """(b, W) token ids; padding is id 0 (as lm-eval), never read."""
+    keep: torch.Tensor
+    """(b, W) bool: the nodes whose logits some request needs."""
+    tree_kw: dict[str, torch.Tensor]
+    """`positions` (b, W) and `sees` (b, W, W), unless every line is one chain."""
+    nodes_of: list[tuple[int, _Row, torch.Tensor]]
+    """(batch row, row, nodes of the row in the batch row)."""
+
+
 def _score_trees(runner: "_Runner", lines: list[list[_Tree]]) -> Iterator[tuple[int, tuple[float, bool]]]:
-    """Score lines of trees in one right-padded pass; yields (request index, (loglik, greedy)).
+    """Score lines of trees in one right-padded pass; yields (request index, (loglik, greedy))."""
+    p = prepare_pass(lines)
+    return finish_pass(p, runner(p.ids, p.keep, **p.tree_kw))
+
+
+def prepare_pass(lines: list[list[_Tree]]) -> Pass:
+    """The inputs of one pass over lines of trees.
 
     Kept are the nodes at positions `first..` of some row. Unless every line is one chain,
     the pass gets each node's position in its row and a mask (b, W, W) letting a node see
@@ -166,10 +186,17 @@ def _score_trees(runner: "_Runner", lines: list[list[_Tree]]) -> Iterator[tuple[
                         len(path), len(path), dtype=torch.bool
                     ).tril()
             start += len(t.ids)
-    logits = runner(ids, keep, **tree_kw)  # (n_keep, vocab), in (b, node) order
-    kept_at = keep.flatten().cumsum(0).view_as(keep) - 1  # (b, W) row of a kept node in logits
-    reqs = [(j, cont) for _, row, _ in nodes_of for j, cont in row.reqs]
-    at = torch.cat([kept_at[b, nodes[len(nodes) - len(cont) :]] for b, row, nodes in nodes_of for _, cont in row.reqs])
+    return Pass(ids, keep, tree_kw, nodes_of)
+
+
+def finish_pass(p: Pass, logits: torch.Tensor) -> Iterator[tuple[int, tuple[float, bool]]]:
+    """(request index, (loglik, greedy)) of every request of a pass, from its logits at the kept nodes
+    (n_keep, vocab), in (b, node) order."""
+    kept_at = p.keep.flatten().cumsum(0).view_as(p.keep) - 1  # (b, W) row of a kept node in logits
+    reqs = [(j, cont) for _, row, _ in p.nodes_of for j, cont in row.reqs]
+    at = torch.cat(
+        [kept_at[b, nodes[len(nodes) - len(cont) :]] for b, row, nodes in p.nodes_of for _, cont in row.reqs]
+    )
     picked, greedy = _log_probs(
         logits, at, torch.tensor([t for _, cont in reqs for t in cont])
     )  # per continuation token
@@ -277,23 +304,7 @@ class _ModelRunner(_Runner):
 
     def _agrees(self, shares_prefixes: bool) -> bool:
         """Whether scoring a few made-up rows with this setting matches full-row forwards with full logits."""
-        vocab = int(getattr(self.model.config, "vocab_size", 0) or 0) or 32
-        wholes = [
-            [5, 6, 7, 8, 9, 10, 11],
-            [5, 6, 7, 8, 12, 13, 14, 15],
-            [5, 6, 7, 8, 12, 16],
-            [5, 6, 16, 17, 18],
-            [5, 6, 19, 20],
-            [7, 8, 9, 10],
-            [9, 8, 7, 6],
-        ]
-        # a trie of 9 nodes (branches at 4 and 5, a continuation into the shared prefix) in a line of its own,
-        # a trie of 5 and a chain of 3 packed in one line, a chain of 3 in another
-        labels = [0, 0, 0, 1, 1, 2, 3]
-        rows = [
-            _Row(tuple(t % vocab for t in w[:-1]), g, [(k, [t % vocab for t in w[-3:]])])
-            for k, (w, g) in enumerate(zip(wholes, labels, strict=True))
-        ]
+        rows = probe_rows(self.model.config)
         plain = _ForwardRunner(lambda ids: self.model(input_ids=ids.to(self.device), use_cache=False).logits)
         try:
             with torch.inference_mode():
@@ -303,8 +314,34 @@ class _ModelRunner(_Runner):
                 }
         except Exception:  # noqa: BLE001  an unsupported feature falls back, whatever it raises
             return False
-        tol = 1e-4 if self.dtype in (torch.float32, torch.float64) else 3e-2
-        return all(abs(got[k][0] - want[k][0]) <= tol * (1 + abs(want[k][0])) for k in want)
+        return probe_agrees(want, got, self.dtype)
+
+
+def probe_rows(config: object) -> list[_Row]:
+    """Made-up rows whose scores as tries must equal their scores as plain rows: a trie of 9 nodes
+    (branches at 4 and 5, a continuation into the shared prefix) in a line of its own, a trie of 5 and a
+    chain of 3 packed in one line, a chain of 3 in another."""
+    vocab = int(getattr(config, "vocab_size", 0) or 0) or 32
+    wholes = [
+        [5, 6, 7, 8, 9, 10, 11],
+        [5, 6, 7, 8, 12, 13, 14, 15],
+        [5, 6, 7, 8, 12, 16],
+        [5, 6, 16, 17, 18],
+        [5, 6, 19, 20],
+        [7, 8, 9, 10],
+        [9, 8, 7, 6],
+    ]
+    labels = [0, 0, 0, 1, 1, 2, 3]
+    return [
+        _Row(tuple(t % vocab for t in w[:-1]), g, [(k, [t % vocab for t in w[-3:]])])
+        for k, (w, g) in enumerate(zip(wholes, labels, strict=True))
+    ]
+
+
+def probe_agrees(want: dict, got: dict, dtype: torch.dtype) -> bool:
+    """Whether the probe's scores as tries (`got`) equal its scores as plain rows (`want`)."""
+    tol = 1e-4 if dtype in (torch.float32, torch.float64) else 3e-2
+    return all(abs(got[k][0] - want[k][0]) <= tol * (1 + abs(want[k][0])) for k in want)
 
 
 def _full_attention_only(config) -> bool:

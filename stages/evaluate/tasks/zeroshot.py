@@ -9,7 +9,9 @@ for LAMBADA the greedy last-word accuracy and `ppl = exp(-mean target loglik)`.
 `model` is a Hugging Face causal LM: the requests of an item run as one token trie, each
 distinct token once, with a mask that lets a token see only its own row, and the output
 head runs only at positions that predict a continuation token (`stages.evaluate.tasks.scoring`).
-Any `Forward` (a `(b, L)` LongTensor to logits `(b, L, vocab)`, e.g.
+A `Blockwise` checkpoint (`stages.evaluate.tasks.blockwise`) runs the same tries one block
+in memory at a time, for models larger than memory. Any `Forward` (a `(b, L)` LongTensor to
+logits `(b, L, vocab)`, e.g.
 `stages.evaluate.perplexity.causal_lm_forward(model)`) also works, one full row per request
 input. Batches are right-padded, which no score sees because no position attends to
 padding."""
@@ -23,6 +25,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from stages.evaluate.perplexity import Forward
+from stages.evaluate.tasks.blockwise import Blockwise, blockwise_scores
 from stages.evaluate.tasks.formats import (
     Item,
     TaskSpec,
@@ -86,7 +89,7 @@ def encode_pair(tokenizer: PreTrainedTokenizerBase, context: str, continuation: 
 
 
 def loglikelihood(
-    model: "torch.nn.Module | Forward",
+    model: "torch.nn.Module | Forward | Blockwise",
     tokenizer: PreTrainedTokenizerBase,
     requests: Sequence[tuple[str, str]],
     batch_size: int = 8,
@@ -124,8 +127,12 @@ def loglikelihood(
         if ids not in rows:
             rows[ids] = _Row(ids, groups[j] if groups is not None else context)
         rows[ids].reqs.append((j, cont))
-    runner = _runner(model)
     results: list[tuple[float, bool]] = [(0.0, False)] * len(requests)
+    if isinstance(model, Blockwise):
+        for j, res in blockwise_scores(model, rows.values(), batch_size, progress).items():
+            results[j] = res
+        return results
+    runner = _runner(model)
     with torch.inference_mode():
         for batch in tqdm(
             tree_batches(rows.values(), runner.shares_prefixes, batch_size), desc="loglikelihood", disable=not progress
@@ -156,7 +163,7 @@ class ItemScore:
 
 
 def score_items(
-    model: "torch.nn.Module | Forward",
+    model: "torch.nn.Module | Forward | Blockwise",
     tokenizer: PreTrainedTokenizerBase,
     items: Sequence[Item],
     batch_size: int = 8,
@@ -215,7 +222,7 @@ def task_metrics(name: str, items: Sequence[Item], scores: Sequence[ItemScore]) 
 
 
 def evaluate_tasks(
-    model: "torch.nn.Module | Forward",
+    model: "torch.nn.Module | Forward | Blockwise",
     tokenizer: PreTrainedTokenizerBase,
     specs: Iterable[str | TaskSpec],
     limit: int | None = None,
@@ -225,9 +232,10 @@ def evaluate_tasks(
 ) -> dict[str, dict[str, float | int]]:
     """{task name: {"acc", ["acc_norm" | "ppl"], "n"}} for every SPEC, on its first `limit` items.
 
-    `model` is a Hugging Face causal LM (prefix sharing, logits only where needed) or a
-    `Forward`. `max_length` is the model's context (e.g. `stages.model.models.max_positions(model.config)`);
-    None uses the tokenizer's, else 2048. Specs are all parsed before any scoring starts.
+    `model` is a Hugging Face causal LM (prefix sharing, logits only where needed), a
+    `Blockwise` checkpoint (the same, one block in memory) or a `Forward`. `max_length` is the
+    model's context (e.g. `stages.model.models.max_positions(model.config)`); None uses the
+    tokenizer's, else 2048. Specs are all parsed before any scoring starts.
     """
     parsed = parse_task_specs(specs)
     results = {}
