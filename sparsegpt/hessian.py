@@ -89,12 +89,18 @@ def hessian_inverse(
     H[dead, dead] = 1
     mean_diag = torch.mean(torch.diag(H)).item()
     where = f" of layer {name!r}" if name else ""
+    # At most two (cols, cols) matrices live at once besides the caller's H (down_proj of a 70B model:
+    # 28672 columns, 3.3 GB each): the copy is dropped once factored, the factor once inverted.
     for attempt in range(damp_retries + 1):
         damped = H.clone() if attempt < damp_retries else H
+        if attempt == damp_retries:
+            del H
         damped.diagonal().add_(percdamp * mean_diag)
         L, info = torch.linalg.cholesky_ex(damped)
+        del damped
         if info.item() == 0 and bool(torch.isfinite(L).all()):
             Hinv = torch.cholesky_inverse(L)
+            del L
             Hinv, info = torch.linalg.cholesky_ex(Hinv, upper=True)
             if info.item() == 0 and bool(torch.isfinite(Hinv).all()):
                 return Hinv, dead, percdamp
@@ -108,14 +114,17 @@ def hessian_inverse(
     )
 
 
-def reconstruction_error(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor) -> float:
+def reconstruction_error(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor, rows: int = 1024) -> float:
     """Relative output error ``‖WX − ŴX‖² / ‖WX‖²`` computed through ``H ∝ X Xᵀ``.
 
     Exact for the calibration inputs ``H`` was accumulated from (the ``2/n`` factor
     cancels). Returns 0.0 for an all-zero output.
     """
-    W = W.float()
-    D = W - W_hat.float()  # (rows, cols)
-    num = torch.sum((D @ H) * D)
-    den = torch.sum((W @ H) * W)
+    W, W_hat = W.float(), W_hat.float()
+    num = torch.zeros((), dtype=torch.float64, device=W.device)
+    den = torch.zeros((), dtype=torch.float64, device=W.device)
+    for r in range(0, W.shape[0], rows):  # (rows, cols) temporaries instead of three of the weight's size
+        D = W[r : r + rows] - W_hat[r : r + rows]
+        num += torch.sum((D @ H) * D, dtype=torch.float64)
+        den += torch.sum((W[r : r + rows] @ H) * W[r : r + rows], dtype=torch.float64)
     return float(num / den) if den > 0 else 0.0

@@ -96,6 +96,12 @@ class HessianCollector:
     def hessian(self, name: str) -> torch.Tensor:
         return self.H[self.owner[name]]
 
+    def release(self, done: Iterable[str]) -> None:
+        """Drop the Hessians that no layer outside `done` shares any more (each is (in, in) fp32)."""
+        needed = {self.owner[name] for name in self.owner if name not in set(done)}
+        for owner in [o for o in self.H if o not in needed]:
+            del self.H[owner]
+
     def close(self) -> None:
         for h in self._handles:
             h.remove()
@@ -178,6 +184,8 @@ def prune_block(
         res = solve_layer(W, H, cfg, sparsity, f"{prefix}{name}")
         seconds = time.perf_counter() - t0
         err = reconstruction_error(W, res.weight, H)
+        del H
+        collector.release(stats.keys() | {name})  # a Hessian goes once its last layer is solved
         set_weight(layer, res.weight)
         stats[name] = LayerStats(
             sparsity=res.sparsity,

@@ -135,6 +135,7 @@ def test_reconstruction_error_equals_direct_computation():
     W_hat = magnitude_prune(W, 0.5).weight
     direct = ((X @ (W - W_hat).T).square().sum() / (X @ W.T).square().sum()).item()
     assert reconstruction_error(W, W_hat, H) == pytest.approx(direct, rel=1e-4)
+    assert reconstruction_error(W, W_hat, H, rows=5) == pytest.approx(direct, rel=1e-4)  # in chunks of rows
 
 
 def test_dead_inputs_are_zeroed():
