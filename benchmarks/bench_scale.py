@@ -7,7 +7,7 @@ model's shape, measured, next to a FLOP and byte model projected to Llama-2-70B 
    PYTHONPATH = the repo root, OMP_NUM_THREADS = --threads) on tiny data:
      prune  CKPT --run-dir R --sparsity 0.5 --calib pydoc --nsamples 4 --seqlen 256 [--prune-args ...]
      eval   CKPT --eval pydoc --seqlen 256 --eval-windows 4            (perplexity, block by block)
-     tasks  CKPT --tasks piqa=...,arc_easy=... --limit 20               (loads the whole model)
+     tasks  CKPT --tasks piqa=...,arc_easy=... --limit 20               (block by block too)
    and prints per stage: wall time, peak RSS (process tree), peak size of the run directory
    against the checkpoint's, bytes read/written (/proc/PID/io, children included), bytes
    hashed (per block, from the block records' bytes_hashed), and for prune the dtypes of the
@@ -23,8 +23,8 @@ model's shape, measured, next to a FLOP and byte model projected to Llama-2-70B 
 
 Disk under --work (default /work/scale-work): the checkpoint (llama3-8b full depth: 14 GiB
 with the tokenizer's 49k vocabulary), and during prune the run directory: blocks/ in the
-checkpoint's dtype (1x the checkpoint's block bytes; fp32 copies, 2x, before 2026-12-01) plus
-model/ (1x): plan ~45 GiB free for llama3-8b full depth. Without --keep the checkpoint and the run directory
+checkpoint's dtype, which model/ hard-links, plus model/'s non-block tensors and two
+activation boundaries: plan ~30 GiB free for llama3-8b full depth. Without --keep the checkpoint and the run directory
 are deleted at the end; with it a rerun reuses the checkpoint (the run directory is always
 started afresh so that every figure is measured).
 """
@@ -190,8 +190,12 @@ def print_prune_outputs(ckpt: Path, run_dir: Path) -> None:
     print(f"  dtypes: output {dtypes(out) if out.is_dir() else 'no model/'} | input {dtypes(ckpt)}")
     blocks, when = run_dir / "blocks", "after assembly" if out.is_dir() else "(not assembled)"
     if blocks.is_dir():
-        n = len(list(blocks.glob("*.safetensors")))
-        print(f"  blocks/ {when}: {gib(dir_bytes(blocks))} ({n} block files, {dtypes(blocks)})")
+        files = list(blocks.glob("*.safetensors"))
+        linked = sum(f.stat().st_nlink > 1 for f in files)
+        print(
+            f"  blocks/ {when}: {gib(dir_bytes(blocks))} ({len(files)} block files, {dtypes(blocks)}; "
+            f"{linked} hard-linked into model/, counted once in the run dir)"
+        )
     else:
         print(f"  blocks/ absent {when}")
 
@@ -243,7 +247,7 @@ def projection(args: argparse.Namespace) -> None:
         figs = {
             "prune": sm.project_prune(shape, rates, 2, 128, 2048),
             "eval": sm.project_eval(shape, rates, 2, 128, 2048),
-            "tasks": sm.project_tasks(shape, 2),
+            "tasks": sm.project_tasks(shape, rates, 2),
         }
         for stage, f in figs.items():
             wall = f"{f['wall_s'] / 3600:.2f} h" if f["wall_s"] is not None else "n/a"

@@ -21,14 +21,15 @@ precision = 2 on a GPU, stages.model.models.compute_dtype):
 | stats FLOPs, fp32   | sum_i 4 r_i c_i^2                              | reconstruction_error: (W - W_hat) H and W H (not in the records' solve seconds) |
 | boundary B          | T d e bytes                                    | ShardWriter(dtype = compute dtype), Arrow shards |
 | boundary traffic    | read 2B (two passes, mmap), write B            | iter_batches, ShardWriter |
-| hashed (sha256)     | 3B + 2 P e per block, output checkpoint once   | write_record at write, is_complete (ensure_acts), read_shards(verify=True); block file at write and assembly's verify_record; model.json |
-| device memory       | P e + sum_g 4 c_g^2 + solve workspace of the largest linear (4 r c + 3 c^2) x 4 + batch intermediates b L (4 d + 3 f) e | block, collector.H (all Hessians held), W/Hinv copies, rel_error |
+| hashed (sha256)     | B + 2 P per block, non-block tensors once      | write_record hashes a file once per process (rundir.sha256_file remembers it): the boundary and the block file (checkpoint dtype, 2 bytes) when written; model.json's linked shards are the block files |
+| device memory       | P e + max_i (4 sum of the c_g^2 still needed at linear i + 4 (2 r_i c_i + 2 c_i^2)) + batch intermediates b L (4 d + 3 f) e | block, collector.H (a Hessian freed after its last linear), hessian_inverse (two c^2 at a time), W copy and mask |
 | host RAM            | HOST_BASE + max(2B, B + P e)                   | capture_inputs holds the batches and their cat; later a mapped boundary and save_block's CPU copy |
-| run-dir disk        | blocks/ (P e per block, kept) + output checkpoint + (keep_acts + 1) B | prune_old(keep_last) runs after the next boundary is written; assemble leaves blocks/ |
+| run-dir disk        | blocks/ (2 P per block) + the non-block tensors + (keep_acts + 1) B | prune_old(keep_last) runs after the next boundary is written; model/ hard-links the block files |
 
 eval (perplexity, block by block): one forward pass over its windows, the hidden states of
 all windows in host RAM (2B while capturing), the checkpoint read once, nothing written.
-tasks: AutoModelForCausalLM.from_pretrained in the compute dtype on the host, then .to(device).
+tasks (block by block, stages.evaluate.tasks.blockwise): TASK_TOKENS input tokens as tries, their
+hidden states in groups of at most 1 GiB, each group one walk through the checkpoint.
 """
 
 from __future__ import annotations
@@ -44,6 +45,9 @@ from transformers import LlamaConfig, OPTConfig, PretrainedConfig
 from benchmarks.scale_ckpt import meta_model, tensor_layout
 
 GIB = 1 << 30
+TASK_TOKENS = 150_000
+"""Tokens a zero-shot task puts through the model as tries (PIQA's 1838 validation items, ~80 each)."""
+TASK_GROUP_BYTES = 1 << 30  # stages.evaluate.tasks.blockwise.MAX_BYTES
 # Assumed machines (stated, not measured): dense half-precision and fp32 (no TF32: torch's default
 # for float32 matmuls) peak rates, memory, and the host around the GPU.
 GPUS = {
@@ -167,6 +171,9 @@ class Work:
     elements: int
     boundary: int
     block_bytes: int
+    """One block in the compute dtype (in memory)."""
+    block_bytes_stored: int
+    """One block in the checkpoint's dtype (its file in blocks/, linked into model/)."""
 
 
 def block_work(s: Shape, nsamples: int, seqlen: int, e: int, passes: int = 2) -> Work:
@@ -181,6 +188,7 @@ def block_work(s: Shape, nsamples: int, seqlen: int, e: int, passes: int = 2) ->
         elements=s.P,
         boundary=T * s.hidden * e,
         block_bytes=s.block_params * e,
+        block_bytes_stored=s.block_params * 2,
     )
 
 
@@ -198,7 +206,7 @@ def block_seconds(w: Work, r: dict[str, float]) -> dict[str, float]:
         + w.columns * r["column_s"]
         + w.elements * r["elem_s"],
         "stats": w.stats / r["fp32_flops"],
-        "sha256": io(3 * w.boundary + 2 * w.block_bytes, r["sha_bps"]),
+        "sha256": io(w.boundary + w.block_bytes_stored, r["sha_bps"]),
         "disk+link": io(w.block_bytes + w.boundary, r["disk_bps"]) + io(3 * w.boundary, r["link_bps"]),
     }
 
@@ -261,11 +269,19 @@ def cpu_rates(threads: int) -> dict[str, float]:
 
 
 def device_bytes(s: Shape, e: int, batch: int, seqlen: int) -> int:
-    """Device memory of one prune block: weights, all Hessians, the largest linear's solve workspace, a batch."""
-    hessians = sum(4 * li.cols**2 for li in s.linears if li.owner == li.name)
-    workspace = max(4 * (4 * li.rows * li.cols + 3 * li.cols**2) for li in s.linears)
+    """Device memory of one prune block: weights, the Hessians still needed at the costliest linear and its
+    solve workspace, a batch."""
+    last = {li.owner: k for k, li in enumerate(s.linears)}  # a Hessian is freed after its last linear
+
+    def at(k: int) -> int:
+        li = s.linears[k]
+        alive = sum(
+            4 * s.linears[j].cols ** 2 for j, x in enumerate(s.linears) if x.owner == x.name and last[x.name] >= k
+        )
+        return alive + 4 * (2 * li.rows * li.cols + 2 * li.cols**2)
+
     intermediates = batch * seqlen * (4 * s.hidden + 3 * s.ffn) * e
-    return s.block_params * e + hessians + workspace + intermediates
+    return s.block_params * e + max(at(k) for k in range(len(s.linears))) + intermediates
 
 
 def _per(n: float, rate: float) -> float:
@@ -282,18 +298,19 @@ def project_prune(
     w = block_work(s, nsamples, seqlen, e)
     per_block = block_seconds(w, rates)
     ckpt = s.total_params * 2
-    blocks = s.layers * w.block_bytes
-    assembly = _per(blocks + 2 * ckpt, rates["disk_bps"]) + _per(blocks + ckpt, rates["sha_bps"])
+    blocks = s.layers * w.block_bytes_stored  # in the checkpoint's dtype; model/ links them
+    rest = s.other_params * 2  # the non-block tensors, streamed into model/
+    assembly = _per(2 * rest, rates["disk_bps"]) + _per(rest, rates["sha_bps"])
     return {
         "per_block_s": per_block,
         "wall_s": s.layers * sum(per_block.values()) + assembly,
         "device_bytes": device_bytes(s, e, min(batch, nsamples), seqlen),
         "host_bytes": int(HOST["base_gib"] * GIB + max(2 * w.boundary, w.boundary + w.block_bytes)),
-        "disk_run_bytes": blocks + ckpt + (keep_acts + 1) * w.boundary,
+        "disk_run_bytes": blocks + rest + (keep_acts + 1) * w.boundary,
         "ckpt_bytes": ckpt,
-        "read_bytes": ckpt + s.layers * 5 * w.boundary + 3 * blocks + ckpt,
-        "written_bytes": s.layers * w.boundary + blocks + ckpt,
-        "hashed_bytes": s.layers * (3 * w.boundary + 2 * w.block_bytes) + ckpt,
+        "read_bytes": ckpt + s.layers * 2 * w.boundary + rest,
+        "written_bytes": s.layers * w.boundary + blocks + rest,
+        "hashed_bytes": s.layers * (w.boundary + w.block_bytes_stored) + rest,
         "boundary_bytes": w.boundary,
     }
 
@@ -320,16 +337,23 @@ def project_eval(s: Shape, rates: dict[str, float], e: int, nsamples: int, seqle
     }
 
 
-def project_tasks(s: Shape, e: int) -> dict:
-    """Whole-model task scoring: the model in the compute dtype on the host, then on the device."""
-    whole = s.total_params * e
+def project_tasks(
+    s: Shape, rates: dict[str, float], e: int, tokens: int = TASK_TOKENS, batch_tokens: int = 4096
+) -> dict:
+    """Block-by-block task scoring of `tokens` input tokens: groups of at most 1 GiB of hidden states,
+    each a walk through every block (the checkpoint read once per group)."""
+    hidden = tokens * s.hidden * e
+    groups = max(1, math.ceil(hidden / TASK_GROUP_BYTES))
+    ckpt = s.total_params * 2
+    flops = 2 * s.layers * s.P * tokens
+    wall = flops / rates["half_flops"] + groups * (_per(ckpt, rates["disk_bps"]) + _per(2 * hidden, rates["link_bps"]))
     return {
-        "wall_s": None,
-        "device_bytes": whole,
-        "host_bytes": int(HOST["base_gib"] * GIB + whole),
+        "wall_s": wall,
+        "device_bytes": s.block_params * e + s.other_params * e + batch_tokens * (4 * s.hidden + 3 * s.ffn) * e,
+        "host_bytes": int(HOST["base_gib"] * GIB + min(hidden, TASK_GROUP_BYTES) + s.other_params * e),
         "disk_run_bytes": 0,
-        "ckpt_bytes": s.total_params * 2,
-        "read_bytes": s.total_params * 2,
+        "ckpt_bytes": ckpt,
+        "read_bytes": groups * ckpt,
         "written_bytes": 0,
         "hashed_bytes": 0,
     }

@@ -9,11 +9,13 @@ asked for, so no stage ever holds the whole model in memory. Pickled weights
 (`pytorch_model.bin`) are refused: we never unpickle user files.
 """
 
+import hashlib
 import importlib.util
 import json
 import logging
 import os
 import shutil
+import struct
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -317,6 +319,27 @@ class SafetensorsIndex:
         """Load the tensors whose names start with `prefix`, keyed by the rest of the name."""
         names = [n for n in self.weight_map if n.startswith(prefix)]
         return {n[len(prefix) :]: t for n, t in self.load(names, dtype, device).items()}
+
+
+def checkpoint_digest(model_dir: str | os.PathLike, pieces: int = 16, piece_bytes: int = 1 << 16) -> str:
+    """A short digest of a checkpoint's weights that costs no full read: every safetensors file's name,
+    size and header (tensor names, dtypes, shapes, offsets), and `pieces` evenly spaced pieces of its data
+    (a weight update rewrites nearly every byte, so it changes some piece). Part of a run's identity: a
+    checkpoint replaced under a half-pruned run is refused."""
+    h = hashlib.sha256()
+    root = Path(model_dir)
+    for file in SafetensorsIndex.open(root).files():
+        size = (root / file).stat().st_size
+        with open(root / file, "rb") as f:
+            head = f.read(8)
+            n = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
+            h.update(f"{file}\0{size}\0".encode())
+            h.update(f.read(n))
+            data = size - 8 - n
+            for k in range(pieces if data > 0 else 0):
+                f.seek(8 + n + (data - min(piece_bytes, data)) * k // max(pieces - 1, 1))
+                h.update(f.read(piece_bytes))
+    return h.hexdigest()[:16]
 
 
 SAFETENSORS_DTYPES = {

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from stages.config import PruneConfig
-from stages.model.models import SafetensorsIndex, check_model, compute_dtype
+from stages.model.models import SafetensorsIndex, check_model, checkpoint_digest, compute_dtype
 from stages.run.identity import check_run
 from stages.run.rundir import RunError
 
@@ -31,7 +31,8 @@ def check(cfg: PruneConfig) -> tuple[Path, Skeleton, torch.dtype]:
     seqlens = {"seqlen": cfg.calib.seqlen, "eval_seqlen": cfg.eval_seqlen}
     model_dir, config = check_model(cfg.model, cfg.trust_remote_code, cfg.runtime.device, seqlens)
     dtype = compute_dtype(cfg.runtime.device, model_dir, cfg.runtime.dtype, cfg.trust_remote_code)
-    check_run(cfg.run_dir, run_identity(cfg, dtype), upgrade=identity_upgrade(dtype))
+    identity = run_identity(cfg, dtype, model_dir)
+    check_run(cfg.run_dir, identity, upgrade=identity_upgrade(identity))
     check_free_disk(cfg, model_dir, config, dtype)
     from stages.model.blocks import skeleton  # builds the model on the meta device: transformers' modeling code
 
@@ -40,18 +41,22 @@ def check(cfg: PruneConfig) -> tuple[Path, Skeleton, torch.dtype]:
     return model_dir, sk, dtype
 
 
-def run_identity(cfg: PruneConfig, dtype: torch.dtype) -> dict:
-    """The config's identity and the compute dtype it resolved to: activations on disk are in that dtype,
-    so a resume with another `--dtype` (or a device whose auto dtype differs) is refused."""
-    return {**cfg.identity(), "compute_dtype": str(dtype).removeprefix("torch.")}
+def run_identity(cfg: PruneConfig, dtype: torch.dtype, model_dir: Path) -> dict:
+    """The config's identity, the compute dtype it resolved to (activations on disk are in that dtype, so a
+    resume with another `--dtype`, or a device whose auto dtype differs, is refused) and the checkpoint's
+    digest (`checkpoint_digest`: a checkpoint replaced under a half-pruned run is refused)."""
+    resolved = {"compute_dtype": str(dtype).removeprefix("torch."), "model_revision": checkpoint_digest(model_dir)}
+    return {**cfg.identity(), **resolved}
 
 
-def identity_upgrade(dtype: torch.dtype) -> Callable[[Mapping[str, Any]], dict]:
-    """Today's identity of a stored config; runs from before the compute dtype was recorded keep this one."""
+def identity_upgrade(identity: Mapping[str, Any]) -> Callable[[Mapping[str, Any]], dict]:
+    """Today's identity of a stored config; a run from before the compute dtype or the checkpoint's digest
+    were recorded takes today's (`identity`'s) values of them."""
+    resolved = ("compute_dtype", "model_revision")
 
     def upgrade(stored: Mapping[str, Any]) -> dict:
-        name = stored.get("compute_dtype", str(dtype).removeprefix("torch."))
-        return {**PruneConfig.upgrade({k: v for k, v in stored.items() if k != "compute_dtype"}), "compute_dtype": name}
+        config = PruneConfig.upgrade({k: v for k, v in stored.items() if k not in resolved})
+        return {**config, **{k: stored.get(k, identity[k]) for k in resolved}}
 
     return upgrade
 

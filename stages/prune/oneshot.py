@@ -113,7 +113,8 @@ def versions() -> dict[str, str]:
 def prepare(cfg: PruneConfig) -> Run:
     """`check` the run's settings, then create or check run.json."""
     model_dir, sk, dtype = check(cfg)
-    init_run(cfg.run_dir, run_identity(cfg, dtype), versions(), upgrade=identity_upgrade(dtype), options=to_flat(cfg))
+    identity = run_identity(cfg, dtype, model_dir)
+    init_run(cfg.run_dir, identity, versions(), upgrade=identity_upgrade(identity), options=to_flat(cfg))
     return Run(root=Path(cfg.run_dir), model_dir=model_dir, num_blocks=sk.num_blocks, dtype=dtype)
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, BartConfig, BertConfig, BertModel
 
 import stages.data.calibration
@@ -302,6 +302,19 @@ def test_different_config_is_refused_key_by_key(tiny_llama_dir, tmp_path) -> Non
         run_pipeline(cfg.updated(sparsity=0.6, nm="2:4"))
     one_line(info)
     prepare(cfg)  # the run dir still takes its own command
+
+
+def test_a_checkpoint_replaced_under_a_run_is_refused(tiny_llama_dir, tmp_path) -> None:
+    """Same names, dtypes and shapes, other values (a fine-tuned checkpoint copied over the old one)."""
+    model = tmp_path / "model"
+    shutil.copytree(tiny_llama_dir, model)
+    cfg = tiny_cfg(model, tmp_path / "run")
+    prepare(cfg)
+    tensors = load_file(model / "model.safetensors")
+    tensors["model.layers.1.mlp.up_proj.weight"] += 1e-3
+    save_file(tensors, str(model / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(RunError, match=r"holds a run with different options: model_revision: \"\w+\" \(run dir\) != "):
+        run_pipeline(cfg)
 
 
 def test_disk_full_mid_run_then_resume_gives_identical_weights(tiny_llama_dir, tmp_path, monkeypatch) -> None:
