@@ -41,7 +41,7 @@ from stages.finetune.loss import Masks, derive_masks
 from stages.finetune.train import Trainer, build_trainer, load_state_dict, state_dict, train_step
 from stages.model.models import load_config, load_tokenizer, max_positions, validate_model_dir
 from stages.run.identity import config_diff
-from stages.run.rundir import atomic_write_json, verify_record, write_record
+from stages.run.rundir import atomic_write_json, fsync_dir, fsync_tree, verify_record, write_record
 
 CONFIG_JSON = "finetune_config.json"
 RESULT_JSON = "finetune.json"
@@ -141,9 +141,11 @@ def _finish(tr: Trainer, student_dir: Path, out_dir: Path, seconds: float, trust
     student = tr.student.to(dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else torch.float32)
     student.save_pretrained(tmp)
     load_tokenizer(student_dir, trust_remote_code).save_pretrained(tmp)
+    fsync_tree(tmp)
     final = out_dir / "model"
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
+    fsync_dir(out_dir)
     result = {
         "steps": tr.step,
         "tokens": tr.step * cfg.tokens_per_step,

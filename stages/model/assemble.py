@@ -14,6 +14,7 @@ Sharded output gets a `model.safetensors.index.json`; config, generation config 
 tokenizer files are copied. The folder is written under a temporary name and renamed into place.
 """
 
+import errno
 import json
 import math
 import os
@@ -28,6 +29,7 @@ from safetensors import safe_open
 
 from stages.model.blocks import Skeleton, skeleton
 from stages.model.models import INDEX_NAME, SAFETENSORS_DTYPES, SafetensorsIndex
+from stages.run.rundir import disk_full, fsync_dir, fsync_tree
 
 PathLike = str | os.PathLike
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".ckpt", ".msgpack", ".h5")
@@ -148,9 +150,15 @@ def assemble(
         for src in sorted(model_dir.iterdir()):
             if src.is_file() and not src.name.endswith(WEIGHT_SUFFIXES) and src.name != INDEX_NAME:
                 shutil.copy2(src, tmp / src.name)
+        fsync_tree(tmp)
         if out_dir.exists():
             shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)
+        fsync_dir(out_dir.parent)
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            raise disk_full(out_dir, exc) from exc
+        raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir

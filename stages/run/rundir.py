@@ -39,7 +39,7 @@ class RunError(RuntimeError):
 # ---------------------------------------------------------------- atomic writes
 
 
-def _fsync_dir(folder: Path) -> None:
+def fsync_dir(folder: Path) -> None:
     """Persist a rename or unlink in `folder` (no-op where folders can't be opened)."""
     try:
         fd = os.open(folder, os.O_RDONLY)
@@ -53,7 +53,21 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def _disk_full(path: Path, exc: OSError) -> RunError:
+def fsync_tree(folder: Path) -> None:
+    """Persist every file under `folder` and the folders themselves (before it is renamed into place and
+    its record written: a crash after the record never finds it half on disk)."""
+    for dirpath, _, filenames in os.walk(folder):
+        for name in filenames:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(Path(dirpath))
+
+
+def disk_full(path: Path, exc: OSError) -> RunError:
+    """The one-line error for ENOSPC while writing `path`."""
     return RunError(
         f"disk full while writing {path}: free space on that file system, "
         f"then rerun the same command to resume ({exc.strerror or exc})"
@@ -78,12 +92,12 @@ def atomic_path(path: Path | str) -> Iterator[Path]:
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
     except BaseException as exc:
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)
         if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise _disk_full(path, exc) from exc
+            raise disk_full(path, exc) from exc
         raise
 
 
@@ -272,7 +286,7 @@ def remove_tree(folder: Path | str) -> None:
     if trash.exists():
         shutil.rmtree(trash)
     os.replace(folder, trash)
-    _fsync_dir(folder.parent)
+    fsync_dir(folder.parent)
     shutil.rmtree(trash)
 
 

@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, BartConfig, BertConfig, BertModel
 
 import stages.data.calibration
+import stages.model.assemble
 import stages.model.blocks
 import stages.prune.oneshot
 from flows.cli import main
@@ -365,7 +366,21 @@ def test_disk_full_mid_run_then_resume_gives_identical_weights(tiny_llama_dir, t
             run_pipeline(cfg)
     assert not (run_dir / "blocks" / "block_001.json").exists()
 
-    run = run_pipeline(cfg)  # 3: space freed, the same command finishes
+    real_stream = stages.model.assemble._stream_safetensors
+
+    def stream(path, units):
+        Path(path).write_bytes(b"partial")
+        raise full
+
+    with monkeypatch.context() as m:  # 3: the disk fills while model/ is assembled
+        m.setattr(stages.model.assemble, "_stream_safetensors", stream)
+        with pytest.raises(RunError, match=r"^disk full while writing .*run/model: free space") as info:
+            run_pipeline(cfg)
+    one_line(info)
+    assert not (run_dir / "model").exists() and not (run_dir / "model.json").exists()
+    assert real_stream is stages.model.assemble._stream_safetensors
+
+    run = run_pipeline(cfg)  # 4: space freed, the same command finishes
     assert block0.stat().st_mtime_ns == stamp  # block 0 was not redone
     ours = model_tensors(run.model)
     assert ours.keys() == reference.keys() and all(torch.equal(ours[k], reference[k]) for k in reference)
