@@ -16,7 +16,13 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from sparsegpt.allocation import outlier_ratio, owl_sparsities
     from sparsegpt.baselines import magnitude_prune, wanda_prune
-    from sparsegpt.hessian import HessianError, accumulate_hessian, hessian_inverse, reconstruction_error
+    from sparsegpt.hessian import (
+        HessianError,
+        accumulate_diagonal,
+        accumulate_hessian,
+        hessian_inverse,
+        reconstruction_error,
+    )
     from sparsegpt.masks import check_prior_mask, nm_pattern_ok
     from sparsegpt.quant import QuantGrid, quant_grid, quantize
     from sparsegpt.solver import PruneResult, sparsegpt_prune
@@ -28,6 +34,7 @@ _EXPORTS = {
     "PruneResult": "sparsegpt.solver",
     "QuantGrid": "sparsegpt.quant",
     "QuantSpec": "sparsegpt.spec",
+    "accumulate_diagonal": "sparsegpt.hessian",
     "accumulate_hessian": "sparsegpt.hessian",
     "check_nm": "sparsegpt.spec",
     "check_prior_mask": "sparsegpt.masks",
@@ -49,6 +56,7 @@ __all__ = [
     "PruneResult",
     "QuantGrid",
     "QuantSpec",
+    "accumulate_diagonal",
     "accumulate_hessian",
     "check_nm",
     "check_prior_mask",

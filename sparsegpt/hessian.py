@@ -59,6 +59,19 @@ def accumulate_hessian(H: torch.Tensor | None, x: torch.Tensor, n: int) -> tuple
     return H, n_new
 
 
+def accumulate_diagonal(d: torch.Tensor | None, x: torch.Tensor, n: int) -> tuple[torch.Tensor, int]:
+    """The diagonal of `accumulate_hessian`'s ``H`` alone, ``(2/n) Σ x²`` per column, with the same running
+    rescaling: ``(cols,)`` instead of ``(cols, cols)`` (Wanda's and OWL's scores need only this)."""
+    cols = x.shape[-1]
+    batch = x.shape[0] if x.dim() >= 3 else 1
+    x = x.reshape(-1, cols).float()
+    if d is None:
+        d = torch.zeros(cols, dtype=torch.float32, device=x.device)
+    n_new = n + batch
+    d.mul_(n / n_new).add_(x.square().sum(dim=0), alpha=2.0 / n_new)
+    return d, n_new
+
+
 def _symmetric_parts(cols: int) -> int:
     """Column blocks for the symmetric update: each split saves GEMM work once blocks stay large."""
     if cols >= 4096:

@@ -217,7 +217,7 @@ def owl_allocation(cfg: PruneConfig, run: Run) -> list[float]:
             hidden[j : j + cfg.runtime.batch_size].to(cfg.runtime.device)
             for j in range(0, len(hidden), cfg.runtime.batch_size)
         ]
-        collector = collect_hessians(block, find_layers(block), batches, kwargs)
+        collector = collect_hessians(block, find_layers(block), batches, kwargs, diagonal=True)
         ratios.append(block_outlier_ratio(block, collector, cfg.solver.owl_threshold))
         hidden = torch.cat([run_block(block, b, kwargs).to("cpu") for b in batches])
     sparsities = owl_sparsities(ratios, cfg.solver.sparsity, cfg.solver.owl_lambda)

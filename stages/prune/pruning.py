@@ -18,6 +18,7 @@ from torch import nn
 
 from sparsegpt import (
     PruneResult,
+    accumulate_diagonal,
     accumulate_hessian,
     magnitude_prune,
     outlier_ratio,
@@ -60,8 +61,10 @@ class HessianCollector:
     shape and strides, kept alive until the pass ends) share one Hessian.
     """
 
-    def __init__(self, layers: dict[str, nn.Module]):
+    def __init__(self, layers: dict[str, nn.Module], diagonal: bool = False):
         self.layers = layers
+        self.diagonal_only = diagonal
+        """Accumulate only each Hessian's diagonal ((in,) instead of (in, in)): what OWL's scores need."""
         self.order: list[str] = []  # call order seen in the first pass
         self.last: str | None = None  # after the first pass: the last layer called
         self.owner: dict[str, str] = {}  # layer name -> name of the layer whose Hessian it shares
@@ -82,7 +85,8 @@ class HessianCollector:
                 self._seen[key] = (x, name)  # holding x keeps its storage from being reused in this pass
                 self.owner.setdefault(name, name)
                 if self.owner[name] == name:
-                    self.H[name], self.n[name] = accumulate_hessian(self.H.get(name), x, self.n.get(name, 0))
+                    accumulate = accumulate_diagonal if self.diagonal_only else accumulate_hessian
+                    self.H[name], self.n[name] = accumulate(self.H.get(name), x, self.n.get(name, 0))
             if name == self.last:
                 raise _StopPass  # nothing after the last layer's input is needed for Hessians
 
@@ -94,7 +98,14 @@ class HessianCollector:
         self._seen.clear()
 
     def hessian(self, name: str) -> torch.Tensor:
+        if self.diagonal_only:
+            raise RuntimeError("this collector holds only the Hessians' diagonals")
         return self.H[self.owner[name]]
+
+    def diagonal(self, name: str) -> torch.Tensor:
+        """diag(H) of layer `name`'s input, (in,)."""
+        H = self.H[self.owner[name]]
+        return H if self.diagonal_only else torch.diag(H)
 
     def release(self, done: Iterable[str]) -> None:
         """Drop the Hessians that no layer outside `done` shares any more (each is (in, in) fp32)."""
@@ -109,10 +120,15 @@ class HessianCollector:
 
 
 def collect_hessians(
-    block: nn.Module, layers: dict[str, nn.Module], batches: Iterable[torch.Tensor], layer_kwargs: Kwargs
+    block: nn.Module,
+    layers: dict[str, nn.Module],
+    batches: Iterable[torch.Tensor],
+    layer_kwargs: Kwargs,
+    diagonal: bool = False,
 ) -> HessianCollector:
-    """Run the dense block over all calibration batches and return the collected Hessians."""
-    collector = HessianCollector(layers)
+    """Run the dense block over all calibration batches and return the collected Hessians (or, with
+    `diagonal`, only their diagonals)."""
+    collector = HessianCollector(layers, diagonal)
     try:
         for x in batches:
             try:
@@ -155,7 +171,7 @@ def block_outlier_ratio(block: nn.Module, collector: HessianCollector, threshold
     total, outliers = 0, 0.0
     for name, layer in find_layers(block).items():
         W = get_weight(layer)
-        outliers += outlier_ratio(W, torch.diag(collector.hessian(name)), threshold) * W.numel()
+        outliers += outlier_ratio(W, collector.diagonal(name), threshold) * W.numel()
         total += W.numel()
     return outliers / total
 

@@ -7,6 +7,7 @@ import torch
 
 from sparsegpt import (
     QuantSpec,
+    accumulate_diagonal,
     accumulate_hessian,
     magnitude_prune,
     nm_pattern_ok,
@@ -27,6 +28,21 @@ def test_running_hessian_equals_batch_mean():
     expected = 2 / 9 * X.T @ X
     assert n == 9 and H.dtype == torch.float32
     torch.testing.assert_close(H.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_running_diagonal_equals_the_hessians_diagonal():
+    """What OWL accumulates: diag(2/n X^T X), as a vector, with the same running rescaling and counting."""
+    g = torch.Generator().manual_seed(1)
+    batches = [torch.randn(b, 16, 24, generator=g) for b in (3, 1, 5)] + [torch.randn(16, 24, generator=g)]
+    H = d = None
+    n = m = 0
+    for x in batches:
+        H, n = accumulate_hessian(H, x, n)
+        d, m = accumulate_diagonal(d, x, m)
+    X = torch.cat([x.reshape(-1, 24).double() for x in batches])
+    assert n == m == 10 and d.shape == (24,) and d.dtype == torch.float32
+    torch.testing.assert_close(d.double(), (X.square().sum(0) * 2 / 10), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(d, torch.diag(H), rtol=1e-5, atol=1e-6)
 
 
 def test_two_dim_input_counts_as_one_sample():
