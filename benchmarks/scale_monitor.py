@@ -11,7 +11,9 @@ every `interval` seconds from /proc, and the size of `watch` (allocated blocks, 
   holds its own counts plus those of every descendant it reaped; descendants still alive
   then (orphans) add their last sample. rchar/wchar count read()/write() calls (page cache
   hits included, memory-mapped reads such as safetensors' not at all); read_bytes and
-  write_bytes count what reached the block device.
+  write_bytes count what reached the block device;
+- over time: every sample (time, RSS of the tree, folder size) goes to LOG.samples.csv,
+  so the peaks of any stretch of a run (e.g. its first 8 blocks against all 32) can be read.
 The child and its descendants get oom_score_adj 1000: when memory runs out, the kernel
 kills the measured command first, not a bystander. Used by bench_scale.py; Linux only.
 """
@@ -132,12 +134,15 @@ class _Sampler(threading.Thread):
         self.stop = threading.Event()
         self.peak_rss = self.disk_peak = self.disk_last = 0
         self.last_io: dict[int, dict[str, int]] = {}
+        self.samples: list[tuple[float, int, int]] = []
+        """(unix time, RSS of the tree, run-directory bytes) at every sample: the figures over time."""
 
     def run(self) -> None:
         next_du = 0.0
         while not self.stop.is_set():
             pids = tree(self.pid)
-            self.peak_rss = max(self.peak_rss, sum(rss(p) for p in pids))
+            now_rss = sum(rss(p) for p in pids)
+            self.peak_rss = max(self.peak_rss, now_rss)
             for p in pids[1:]:
                 counts = io_counts(p)
                 if counts:
@@ -146,6 +151,7 @@ class _Sampler(threading.Thread):
                 self.disk_last = dir_bytes(self.watch)
                 self.disk_peak = max(self.disk_peak, self.disk_last)
                 next_du = time.monotonic() + self.du_every
+            self.samples.append((time.time(), now_rss, self.disk_last))
             self.stop.wait(self.interval)
 
 
@@ -179,6 +185,9 @@ def run_measured(
     for p in orphans:
         for k, v in sampler.last_io[p].items():
             io[k] = io.get(k, 0) + v
+    with open(log.with_suffix(".samples.csv"), "w") as f:  # peaks over any stretch of the run, e.g. 8 vs 32 blocks
+        f.write("unix_time,rss_tree_bytes,run_dir_bytes\n")
+        f.writelines(f"{t:.2f},{r},{d}\n" for t, r, d in sampler.samples)
     _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
     disk_end = dir_bytes(watch) if watch is not None else 0
