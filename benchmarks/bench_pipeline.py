@@ -7,10 +7,13 @@
    process, its stages, and peak resident memory (GNU time's max RSS).
 2. Memory vs depth: random-init Llama configs of 8 and 32 blocks (hidden 1024),
    pruned by the CLI without evaluation; prints each process's peak RSS.
+3. Compute dtype: SparseGPT 50% with `--dtype float32` and `--dtype bfloat16` on the CPU,
+   same data; prints both pruned perplexities and their ratio (the target: within 3%).
 
     python benchmarks/bench_pipeline.py                       # both parts, defaults of the issue
     python benchmarks/bench_pipeline.py --part quality --eval-windows 40 [--setting 50%]
     python benchmarks/bench_pipeline.py --part depth
+    python benchmarks/bench_pipeline.py --part dtype [--eval-windows 40]
 
 Needs ../shared/data/wikitext2 (or --wikitext DIR) for part 1.
 """
@@ -116,6 +119,26 @@ def quality(args: argparse.Namespace, work: Path) -> None:
         )
 
 
+def dtype(args: argparse.Namespace, work: Path) -> None:
+    """SparseGPT 50% on SmolLM2-135M with --dtype float32 and bfloat16 on this CPU: the half-precision
+    path a GPU takes (blocks, activations and evaluation in bf16; Hessians and solves in fp32)."""
+    calib = f"wikitext2={args.wikitext / 'wiki.valid.raw'}"
+    evals = f"wikitext2={args.wikitext / 'wiki.test.raw'}"
+    windows = ["--eval-windows", str(args.eval_windows)] if args.eval_windows else []
+    print(f"SmolLM2-135M 50%, calib {args.nsamples}x{args.seqlen} WikiText-2 valid, CPU, by compute dtype")
+    ppl = {}
+    for name in ("float32", "bfloat16"):
+        run_dir = work / f"run-{name}"
+        cmd = [sys.executable, "-m", "flows.cli", "prune", "smollm2-135m", "--run-dir", str(run_dir)]
+        cmd += ["--calib", calib, "--eval", evals, "--no-progress", "--sparsity", "0.5", "--dtype", name]
+        cmd += ["--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), *windows]
+        wall, rss, _ = timed_process(cmd, work / f"dtype-{name}.log")
+        w = json.loads((run_dir / "eval" / "metrics.json").read_text())["wikitext2"]
+        ppl[name] = w["ppl"]
+        print(f"{name:<9} dense {w['dense_ppl']:7.2f}  pruned {w['ppl']:7.2f}  wall {wall:7.1f} s  peak {rss:6.0f} MiB")
+    print(f"pruned perplexity bf16 vs fp32: {100 * (ppl['bfloat16'] / ppl['float32'] - 1):+.2f}% (target within 3%)")
+
+
 def depth(args: argparse.Namespace, work: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
@@ -166,7 +189,7 @@ def depth(args: argparse.Namespace, work: Path) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--part", choices=("quality", "depth", "all"), default="all")
+    p.add_argument("--part", choices=("quality", "depth", "dtype", "all"), default="all")
     p.add_argument("--wikitext", type=Path, default=ROOT.parent / "shared" / "data" / "wikitext2")
     p.add_argument("--nsamples", type=int, default=32)
     p.add_argument("--seqlen", type=int, default=512)
@@ -181,6 +204,8 @@ def main() -> None:
             quality(args, work)
         if args.part in ("depth", "all"):
             depth(args, work)
+        if args.part in ("dtype", "all"):
+            dtype(args, work)
     finally:
         if args.keep:
             print(f"work folder: {work}")
