@@ -96,9 +96,11 @@ def perplexity_cached(
     runtime: RuntimeConfig,
     trust_remote_code: bool = False,
 ) -> dict:
-    """Perplexity of one checkpoint on one SPEC, stored in ``cache`` (a done-record) for reruns."""
+    """Perplexity of one checkpoint on one SPEC, stored in ``cache`` (a done-record) for reruns; a record
+    computed in another dtype or on another kind of device is computed again."""
+    where = evaluated_on(dtype, runtime.device)
     done = verify_record(cache)
-    if done is not None:
+    if done is not None and all(done.get(k) == v for k, v in where.items()):
         return done
     tok = load_tokenizer(model_dir, trust_remote_code)
     windows = eval_windows(tok, spec, seqlen, max_windows)
@@ -108,9 +110,15 @@ def perplexity_cached(
         model_dir, windows, runtime.device, dtype, batch_size, runtime.progress, desc, trust_remote_code
     )
     release_memory()
-    out = {**res.to_dict(), "seconds": time.perf_counter() - t0}
+    out = {**res.to_dict(), "seconds": time.perf_counter() - t0, **where}
     write_record(cache, out, [])
     return out
+
+
+def evaluated_on(dtype: torch.dtype, device: str) -> dict[str, str]:
+    """What an evaluation record keys on besides its SPEC and sizes: the compute dtype and the device's kind
+    (cuda:0 and cuda:1 give the same figures; a CPU and a GPU differ in the last digits)."""
+    return {"dtype": str(dtype).removeprefix("torch."), "device": torch.device(device).type}
 
 
 def sparsity_report(records: list[dict]) -> dict:
@@ -149,7 +157,8 @@ def score_tasks(
     for spec, parsed in zip(specs, parse_task_specs(specs), strict=True):
         record = cache(parsed.name) if cache is not None else None
         done = verify_record(record) if record is not None else None
-        if done is None or done.get("spec") != spec:
+        where = evaluated_on(dtype, device)
+        if done is None or any(done.get(k) != v for k, v in {"spec": spec, **where}.items()):
             if model is None:
                 model = Blockwise(model_dir, device, dtype, trust_remote_code)
                 tok = load_tokenizer(model_dir, trust_remote_code)
@@ -157,7 +166,7 @@ def score_tasks(
             scores = evaluate_tasks(model, tok, [spec], limit, batch_size, max_positions(model.config), progress)[
                 parsed.name
             ]
-            done = {**scores, "spec": spec, "seconds": time.perf_counter() - t0}
+            done = {**scores, "spec": spec, "seconds": time.perf_counter() - t0, **where}
             if record is not None:
                 write_record(record, done, [])
         results[parsed.name] = done

@@ -87,6 +87,26 @@ def test_rerun_uses_the_records_and_rescores_only_what_changed(own_run, tmp_path
     assert changed["tasks"]["arc_easy"]["pruned"]["acc"] == metrics["tasks"]["arc_easy"]["pruned"]["acc"]
 
 
+def test_records_of_another_dtype_are_evaluated_again(own_run, monkeypatch):
+    """Perplexity and task records hold the dtype and device kind they were computed in: a run resumed
+    in another dtype (the same run directory, e.g. an older run before the dtype was pinned) recomputes."""
+    cfg, run, _ = own_run
+    calls = []
+    real_ppl, real_tasks = stages.evaluate.evaluate.blockwise_perplexity, stages.evaluate.evaluate.evaluate_tasks
+    monkeypatch.setattr(
+        stages.evaluate.evaluate, "blockwise_perplexity", lambda *a, **k: (calls.append("ppl"), real_ppl(*a, **k))[1]
+    )
+    monkeypatch.setattr(
+        stages.evaluate.evaluate, "evaluate_tasks", lambda *a, **k: (calls.append("task"), real_tasks(*a, **k))[1]
+    )
+    evaluate_run(cfg, run, torch.float32, block_records(run), {})
+    assert calls == []
+    bf16 = evaluate_run(cfg, run, torch.bfloat16, block_records(run), {})
+    assert calls.count("ppl") == 2 * len(cfg.eval.specs) and calls.count("task") == 2 * len(cfg.eval.tasks)
+    record = json.loads((run.root / "eval" / f"tasks-pruned-{next(iter(bf16['tasks']))}-n3.json").read_text())
+    assert (record["dtype"], record["device"]) == ("bfloat16", "cpu")
+
+
 def test_evaluate_run_keeps_the_positional_signature_without_tasks(own_run):
     cfg, run, metrics = own_run
     out = evaluate_run(cfg.updated(tasks=()), run, torch.float32, block_records(run), {})
