@@ -13,26 +13,35 @@ from flows.artifacts import move, new_progress, publish_eval
 from flows.errors import reports_user_errors
 from stages.config import EvaluateConfig
 from stages.data.specs import parse_spec
+from stages.evaluate.cache import shared_record
 from stages.evaluate.check import check as check_evaluate
-from stages.evaluate.evaluate import blockwise_perplexity, score_tasks
+from stages.evaluate.evaluate import blockwise_perplexity, evaluated_on, score_tasks
 from stages.evaluate.perplexity import eval_windows
 from stages.model.models import compute_dtype, load_tokenizer
+from stages.run.rundir import verify_record, write_record
 
 PROGRESS_KEY = "sparsegpt-eval-progress"
 
 
 @task(name="perplexity", task_run_name="perplexity-{spec}")
 def perplexity(cfg: EvaluateConfig, model_dir: str, spec: str) -> dict:
-    """Block-wise perplexity of ``model_dir`` on one SPEC, in the run's compute dtype."""
+    """Block-wise perplexity of ``model_dir`` on one SPEC, in the run's compute dtype (shared across runs and
+    evaluations through `stages.evaluate.cache` unless ``--no-cache``)."""
     ev, rt = cfg.eval, cfg.runtime
-    tok = load_tokenizer(model_dir, cfg.trust_remote_code)
-    ids = eval_windows(tok, spec, cfg.eval_seqlen, ev.windows)
     dtype = compute_dtype(rt.device, Path(model_dir), rt.dtype, cfg.trust_remote_code)
-    t0 = time.perf_counter()
-    res = blockwise_perplexity(
-        Path(model_dir), ids, rt.device, dtype, ev.batch_size, True, parse_spec(spec).label, cfg.trust_remote_code
-    )
-    out = {**res.to_dict(), "seconds": time.perf_counter() - t0, "dtype": str(dtype).removeprefix("torch.")}
+    where = evaluated_on(dtype, rt.device)
+    shared = shared_record("ppl", Path(model_dir), spec, seqlen=cfg.eval_seqlen, windows=ev.windows, **where)
+    out = verify_record(shared) if rt.cache else None
+    if out is None:
+        tok = load_tokenizer(model_dir, cfg.trust_remote_code)
+        ids = eval_windows(tok, spec, cfg.eval_seqlen, ev.windows)
+        t0 = time.perf_counter()
+        res = blockwise_perplexity(
+            Path(model_dir), ids, rt.device, dtype, ev.batch_size, True, parse_spec(spec).label, cfg.trust_remote_code
+        )
+        out = {**res.to_dict(), "seconds": time.perf_counter() - t0, **where}
+        if rt.cache:
+            write_record(shared, out, [])
     get_run_logger().info("%s: ppl %.4f over %d x %d tokens", spec, out["ppl"], out["windows"], out["seqlen"])
     return out
 
@@ -58,6 +67,7 @@ def zero_shot(cfg: EvaluateConfig, model_dir: str, artifact: UUID, done: int, to
         trust_remote_code=cfg.trust_remote_code,
         progress=True,
         step=step,
+        shared=rt.cache,
     )
     for name, m in res.items():
         scores = ", ".join(f"{k} {m[k]:.4f}" for k in ("acc", "acc_norm", "ppl") if k in m)

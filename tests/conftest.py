@@ -8,7 +8,9 @@ folder holds config.json, model.safetensors (or shards + index) and a character-
 tokenizer (vocab < 128), so it can be used like a downloaded model.
 """
 
+import os
 import string
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -26,6 +28,11 @@ from transformers import (
 
 TINY_VOCAB = 128
 SPECIALS = ["<unk>", "<s>", "</s>"]
+
+
+# Dense evaluations shared across run directories (stages.evaluate.cache) go to a folder of this test
+# session, never to the user's cache, and no earlier session's results are found there.
+os.environ["SPARSEGPT_EVAL_CACHE"] = tempfile.mkdtemp(prefix="sparsegpt-eval-cache-")
 
 
 def tiny_config(kind: str, tied: bool | None = None) -> PretrainedConfig:

@@ -174,6 +174,9 @@ class RuntimeConfig:
     half precision on a GPU; Hessians and solves stay float32. A run's compute dtype is part of its identity."""
     progress: bool = True
     """Show progress bars."""
+    cache: bool = True
+    """Reuse and store the dense model's evaluation across run directories under $SPARSEGPT_CACHE/eval
+    (keyed by the checkpoint's digest, SPEC, windows, dtype and device kind)."""
 
     def __post_init__(self) -> None:
         if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):

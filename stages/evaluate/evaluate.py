@@ -26,6 +26,7 @@ from stages.config import PruneConfig, RuntimeConfig
 from stages.config.tree import to_flat
 from stages.data.specs import parse_spec
 from stages.data.tasks import parse_task_specs
+from stages.evaluate.cache import shared_record
 from stages.evaluate.perplexity import Perplexity, eval_windows
 from stages.evaluate.tasks.blockwise import Blockwise
 from stages.evaluate.tasks.zeroshot import evaluate_tasks
@@ -95,13 +96,22 @@ def perplexity_cached(
     batch_size: int,
     runtime: RuntimeConfig,
     trust_remote_code: bool = False,
+    dense: bool = False,
 ) -> dict:
     """Perplexity of one checkpoint on one SPEC, stored in ``cache`` (a done-record) for reruns; a record
-    computed in another dtype or on another kind of device is computed again."""
+    computed in another dtype or on another kind of device is computed again. A `dense` checkpoint's result
+    is also shared across run directories (`stages.evaluate.cache`) unless `runtime.cache` is off."""
     where = evaluated_on(dtype, runtime.device)
     done = verify_record(cache)
     if done is not None and all(done.get(k) == v for k, v in where.items()):
         return done
+    shared = None
+    if dense and runtime.cache:
+        shared = shared_record("ppl", model_dir, spec, seqlen=seqlen, windows=max_windows, **where)
+        done = verify_record(shared)
+        if done is not None:
+            write_record(cache, done, [])
+            return done
     tok = load_tokenizer(model_dir, trust_remote_code)
     windows = eval_windows(tok, spec, seqlen, max_windows)
     release_memory()  # tokenizing the corpus leaves a large freed heap behind
@@ -111,6 +121,8 @@ def perplexity_cached(
     )
     release_memory()
     out = {**res.to_dict(), "seconds": time.perf_counter() - t0, **where}
+    if shared is not None:
+        write_record(shared, out, [])
     write_record(cache, out, [])
     return out
 
@@ -145,12 +157,15 @@ def score_tasks(
     progress: bool = False,
     cache: Callable[[str], Path] | None = None,
     step: Callable[[str], None] | None = None,
+    shared: bool = False,
 ) -> dict[str, dict]:
     """{task name: {"acc", ["acc_norm" | "ppl"], "n", "seconds", "spec"}} of one checkpoint.
 
     With ``cache`` (task name -> record path), a task whose record verifies and holds the
     same SPEC is not scored again; the model is loaded only if some task is missing.
-    ``step(name)`` is called after each task. Contexts are cut to the model's positions.
+    With ``shared`` (a dense checkpoint) scores are also shared across run directories
+    (`stages.evaluate.cache`). ``step(name)`` is called after each task. Contexts are cut
+    to the model's positions.
     """
     results: dict[str, dict] = {}
     model = tok = None
@@ -158,6 +173,11 @@ def score_tasks(
         record = cache(parsed.name) if cache is not None else None
         done = verify_record(record) if record is not None else None
         where = evaluated_on(dtype, device)
+        common = shared_record("task", model_dir, spec, limit=limit, **where) if shared else None
+        if (done is None or any(done.get(k) != v for k, v in {"spec": spec, **where}.items())) and common:
+            done = verify_record(common)
+            if done is not None and record is not None:
+                write_record(record, done, [])
         if done is None or any(done.get(k) != v for k, v in {"spec": spec, **where}.items()):
             if model is None:
                 model = Blockwise(model_dir, device, dtype, trust_remote_code)
@@ -167,8 +187,9 @@ def score_tasks(
                 parsed.name
             ]
             done = {**scores, "spec": spec, "seconds": time.perf_counter() - t0, **where}
-            if record is not None:
-                write_record(record, done, [])
+            for path in (common, record):
+                if path is not None:
+                    write_record(path, done, [])
         results[parsed.name] = done
         if step is not None:
             step(parsed.name)
@@ -203,7 +224,14 @@ def evaluate_run(
         key = f"{label}-s{seqlen}-w{cfg.eval.windows or 'all'}"
         common = (dtype, cfg.eval.batch_size, cfg.runtime, cfg.trust_remote_code)
         dense = perplexity_cached(
-            run.model_dir, spec, seqlen, cfg.eval.windows, out_dir / f"dense-{key}.json", f"dense {label}", *common
+            run.model_dir,
+            spec,
+            seqlen,
+            cfg.eval.windows,
+            out_dir / f"dense-{key}.json",
+            f"dense {label}",
+            *common,
+            dense=True,
         )
         step(f"dense {label} perplexity")
         pruned = perplexity_cached(
@@ -230,6 +258,7 @@ def evaluate_run(
                 progress=cfg.runtime.progress,
                 cache=lambda name, w=which: out_dir / f"tasks-{w}-{name}-n{cfg.eval.task_limit or 'all'}.json",
                 step=lambda name, w=which: step(f"{w} {name}"),
+                shared=which == "dense" and cfg.runtime.cache,
             )
         metrics["tasks"] = {
             name: {"dense": scores["dense"][name], "pruned": scores["pruned"][name]} for name in scores["dense"]

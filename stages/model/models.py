@@ -186,7 +186,9 @@ def check_model(
 # ---------------------------------------------------------------- embedded default
 
 
-def _cache_root(cache_dir: str | os.PathLike | None) -> Path:
+def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
+    """`cache_dir`, else `$SPARSEGPT_CACHE`, else `~/.cache/sparsegpt`: the converted embedded model and the
+    dense evaluations shared across runs (`stages.evaluate.cache`)."""
     if cache_dir is not None:
         return Path(cache_dir).expanduser()
     return Path(os.environ.get("SPARSEGPT_CACHE", "~/.cache/sparsegpt")).expanduser()
@@ -214,7 +216,7 @@ def embedded_default(cache_dir: str | os.PathLike | None = None) -> Path:
     and renames it into place, so a crash never leaves a folder that looks complete.
     Later calls only check that the folder exists (gguf is not imported).
     """
-    target = _cache_root(cache_dir) / DEFAULT_MODEL
+    target = cache_root(cache_dir) / DEFAULT_MODEL
     if (target / "config.json").is_file():
         return target
     source = gguf_path()

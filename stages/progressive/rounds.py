@@ -143,6 +143,7 @@ def _perplexities(cfg: ProgressiveConfig, model_dir: Path, folder: Path, tag: st
             cfg.eval.batch_size,
             cfg.runtime,
             cfg.trust_remote_code,
+            dense=tag == "dense",
         )
     return out
 
@@ -203,6 +204,7 @@ def final_tasks(cfg: ProgressiveConfig, step: Callable[[str], None] | None = Non
             progress=cfg.runtime.progress,
             cache=lambda name, which=which, n=n: cfg.root() / "eval" / f"tasks-{which}-{name}-n{n}.json",
             step=(lambda name, which=which: step(f"{which} {name}")) if step is not None else None,
+            shared=which == "dense" and cfg.runtime.cache,
         )
         for name, res in scores.items():
             out.setdefault(name, {})[which] = res

@@ -10,11 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import stages.evaluate.evaluate
-from stages.config import PruneConfig
-from stages.evaluate.evaluate import evaluate_run
+from stages.config import PruneConfig, PruneRuntime
+from stages.evaluate.evaluate import evaluate_run, perplexity_cached, score_tasks
 from stages.evaluate.perplexity import causal_lm_forward
 from stages.evaluate.tasks.zeroshot import evaluate_tasks
 from stages.prune.oneshot import block_records
@@ -99,12 +100,67 @@ def test_records_of_another_dtype_are_evaluated_again(own_run, monkeypatch):
     monkeypatch.setattr(
         stages.evaluate.evaluate, "evaluate_tasks", lambda *a, **k: (calls.append("task"), real_tasks(*a, **k))[1]
     )
+    cfg = cfg.updated(cache=False)  # the records of this run directory alone
     evaluate_run(cfg, run, torch.float32, block_records(run), {})
     assert calls == []
     bf16 = evaluate_run(cfg, run, torch.bfloat16, block_records(run), {})
     assert calls.count("ppl") == 2 * len(cfg.eval.specs) and calls.count("task") == 2 * len(cfg.eval.tasks)
     record = json.loads((run.root / "eval" / f"tasks-pruned-{next(iter(bf16['tasks']))}-n3.json").read_text())
     assert (record["dtype"], record["device"]) == ("bfloat16", "cpu")
+
+
+def test_the_dense_evaluation_is_shared_across_run_directories(tiny_llama_dir, tmp_path, monkeypatch):
+    """A second run of the same dense checkpoint with the same settings finds its perplexity in the shared
+    cache; other windows, another dtype, --no-cache or a changed checkpoint compute it."""
+    monkeypatch.setenv("SPARSEGPT_EVAL_CACHE", str(tmp_path / "shared"))
+    calls = []
+    real = stages.evaluate.evaluate.blockwise_perplexity
+    monkeypatch.setattr(
+        stages.evaluate.evaluate, "blockwise_perplexity", lambda *a, **k: (calls.append(1), real(*a, **k))[1]
+    )
+    model = tmp_path / "model"
+    shutil.copytree(tiny_llama_dir, model)
+
+    def ppl(run: str, windows: int = 2, dtype=torch.float32, cache: bool = True) -> dict:
+        runtime = PruneRuntime(progress=False, cache=cache)
+        record = tmp_path / run / "dense.json"
+        return perplexity_cached(model, "pydoc", 32, windows, record, "dense", dtype, 2, runtime, dense=True)
+
+    first = ppl("a")
+    assert len(calls) == 1 and ppl("b") == first and len(calls) == 1  # run b: from the shared cache
+    assert (tmp_path / "b" / "dense.json").is_file()  # the run directory gets its own copy
+    ppl("c", windows=3)
+    ppl("d", dtype=torch.bfloat16)
+    ppl("e", cache=False)
+    assert len(calls) == 4
+    tensors = load_file(model / "model.safetensors")
+    tensors["model.norm.weight"] += 1.0
+    save_file(tensors, str(model / "model.safetensors"), metadata={"format": "pt"})
+    assert ppl("f")["ppl"] != first["ppl"] and len(calls) == 5
+
+
+@needs_task_samples
+def test_dense_task_scores_are_shared_across_run_directories(tiny_llama_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("SPARSEGPT_EVAL_CACHE", str(tmp_path / "shared"))
+    scored = []
+    real = stages.evaluate.evaluate.evaluate_tasks
+    monkeypatch.setattr(
+        stages.evaluate.evaluate,
+        "evaluate_tasks",
+        lambda m, t, specs, *a, **k: (scored.extend(specs), real(m, t, specs, *a, **k))[1],
+    )
+    spec = task_spec("boolq")
+
+    def scores(run: str, shared: bool = True, limit: int = 2) -> dict:
+        record = lambda name: tmp_path / run / f"tasks-{name}.json"  # noqa: E731
+        return score_tasks(tiny_llama_dir, [spec], limit, cache=record, shared=shared)["boolq"]
+
+    first = scores("a")
+    assert scores("b") == first and scored == [spec]  # run b: from the shared cache, copied into its records
+    assert (tmp_path / "b" / "tasks-boolq.json").is_file()
+    scores("c", shared=False)
+    scores("d", limit=3)
+    assert scored == [spec] * 3
 
 
 def test_evaluate_run_keeps_the_positional_signature_without_tasks(own_run):
