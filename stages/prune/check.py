@@ -34,6 +34,7 @@ def check(cfg: PruneConfig) -> tuple[Path, Skeleton, torch.dtype]:
     identity = run_identity(cfg, dtype, model_dir)
     check_run(cfg.run_dir, identity, upgrade=identity_upgrade(identity))
     check_free_disk(cfg, model_dir, config, dtype)
+    check_nm_hidden(cfg, config)
     from stages.model.blocks import skeleton  # builds the model on the meta device: transformers' modeling code
 
     sk = skeleton(model_dir, cfg.trust_remote_code)
@@ -86,6 +87,19 @@ def check_free_disk(cfg: PruneConfig, model_dir: Path, config: Any, dtype: torch
         raise RunError(
             f"not enough free disk for {root}: the run needs about {needed / 2**30:.2f} GiB more, "
             f"{existing} has {free / 2**30:.2f} GiB free; free space there or use a --run-dir on a larger disk"
+        )
+
+
+def check_nm_hidden(cfg: PruneConfig, config: Any) -> None:
+    """Refuse, from the config alone, an N:M whose M does not divide the hidden size: the input width of the
+    layers that read a block's input (q/k/v, gate/up, fc1) in every decoder (`check_nm_fits` then checks
+    every layer against the skeleton)."""
+    n, m = cfg.solver.prune_nm
+    hidden = getattr(config.get_text_config(), "hidden_size", None)
+    if m and isinstance(hidden, int) and hidden % m:
+        raise ValueError(
+            f"--nm {n}:{m} does not fit the model: its hidden size {hidden} (the input width of the layers that "
+            f"read each block's input) is not a multiple of M={m}; choose an M that divides it (e.g. 2:4)"
         )
 
 

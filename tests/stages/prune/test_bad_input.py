@@ -34,6 +34,7 @@ from stages.model.models import resolve_model
 from stages.prune.oneshot import prepare, run_pipeline
 from stages.run.rundir import RunError
 from tests.configs import tiny_prune
+from tests.conftest import tiny_config, tiny_tokenizer
 
 
 def tiny_cfg(model_dir: Path, run_dir: Path, **kw) -> PruneConfig:
@@ -107,7 +108,7 @@ def test_cli_rejects_bad_options_in_one_line(tiny_llama_dir, tmp_path, capsys, o
     [
         ("missing", [], r"model path .*nope does not exist; pass an existing directory"),
         ("llama", ["--seqlen", "100"], r"seqlen 100 is beyond the model's 64 positions; use --seqlen 64 or less"),
-        ("llama", ["--nm", "2:5", "--blocksize", "20"], r"--nm 2:5 does not fit layer model\.layers\.0"),
+        ("llama", ["--nm", "2:5", "--blocksize", "20"], r"--nm 2:5 does not fit the model: its hidden size 32"),
         ("other-run", [], r"holds a run with different options: calib\.nsamples: 7 \(run dir\) != 6"),
         ("foreign-dir", [], r"run dir .*run is not empty and holds no run\.json \(it has notes\.txt\).*new or empty"),
         ("no-disk", [], r"not enough free disk for .*run: the run needs about 0\.\d\d GiB more, .* has 0\.00 GiB free"),
@@ -153,7 +154,7 @@ def test_cli_checks_the_model_and_run_dir_before_prefect_starts(
         (
             "progressive",
             ["LLAMA", "--run-dir", "RUN", "--seqlen", "32", "--schedule", "2:5", "--blocksize", "20"],
-            r"--nm 2:5 does not fit layer model\.layers\.0",
+            r"--nm 2:5 does not fit the model: its hidden size 32",
         ),
         ("progressive", ["LLAMA", "--run-dir", "OTHER", "--seqlen", "32"], r"holds a run with different options: sch"),
     ],
@@ -231,7 +232,13 @@ def odd_models(tmp_path_factory: pytest.TempPathFactory, tiny_llama_dir: Path) -
         )
         (folder / "config.json").write_text(json.dumps(config))
         (folder / "modeling_my.py").write_text("raise SystemExit('remote code ran')\n")
+    # hidden 32, MLP width 40: an N:M of M=16 fits the hidden size but not down_proj's input
+    odd_ffn = tiny_config("llama")
+    odd_ffn.intermediate_size = 40
+    AutoModelForCausalLM.from_config(odd_ffn).save_pretrained(root / "odd-ffn")
+    tiny_tokenizer().save_pretrained(root / "odd-ffn")
     return {
+        "odd-ffn": root / "odd-ffn",
         "bert": root / "bert",
         "bart": root / "bart",
         "remote": root / "remote",
@@ -250,12 +257,25 @@ def odd_models(tmp_path_factory: pytest.TempPathFactory, tiny_llama_dir: Path) -
         (
             "llama",
             {"nm": "2:5", "blocksize": 20},
-            r"--nm 2:5 does not fit layer model\.layers\.0\.self_attn\.q_proj: its input width 32 is not "
-            r"a multiple of M=5; "
-            r"choose an M",
+            r"--nm 2:5 does not fit the model: its hidden size 32 \(the input width of the layers that read each "
+            r"block's input\) is not a multiple of M=5; choose an M",
+        ),
+        (
+            "odd-ffn",
+            {"nm": "2:16"},
+            r"--nm 2:16 does not fit layer model\.layers\.0\.mlp\.down_proj: its input width 40 is not "
+            r"a multiple of M=16; choose an M",
         ),
     ],
-    ids=["missing-path", "not-causal-lm", "blocks-not-found", "remote-code", "seqlen-too-long", "nm-width"],
+    ids=[
+        "missing-path",
+        "not-causal-lm",
+        "blocks-not-found",
+        "remote-code",
+        "seqlen-too-long",
+        "nm-hidden",
+        "nm-layer-width",
+    ],
 )
 def test_stages_refuse_before_the_run_starts(odd_models, tiny_llama_dir, tmp_path, model, options, expected) -> None:
     path = {"missing": tmp_path / "nope", "llama": tiny_llama_dir}.get(model) or odd_models[model]
