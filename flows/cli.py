@@ -5,6 +5,7 @@
     sparsegpt progressive MODEL --run-dir runs/p --schedule 0.5,0.6,0.7,0.8 [--tokens-per-round N] ...
     sparsegpt report runs/x [runs/y ...] [--out DIR]
     sparsegpt status runs/x
+    sparsegpt export runs/x [--format hf] [--out DIR]
 
 Bad input ends with one line `error: ...` naming the problem and the fix, exit code 2.
 """
@@ -135,6 +136,13 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from stages.export.export import export_run
+
+    print(export_run(Path(args.run_dir), args.format, args.out))
+    return 0
+
+
 def _status(args: argparse.Namespace) -> int:
     from stages.report.status import run_status
 
@@ -152,6 +160,10 @@ def main(argv: list[str] | None = None) -> int:
     _add_report(sub)
     st = sub.add_parser("status", help="what is done and left in a run directory")
     st.add_argument("run_dir")
+    ex = sub.add_parser("export", help="a finished prune run as a checkpoint to serve, with a model card")
+    ex.add_argument("run_dir", metavar="RUN_DIR")
+    ex.add_argument("--format", default="hf", choices=("hf",), help="hf: safetensors checkpoint (default)")
+    ex.add_argument("--out", default=None, help="the export folder (default: RUN_DIR/export-FORMAT)")
     for command in sub.choices.values():
         command.add_argument("--debug", action="store_true", help="tracebacks for user errors too (SPARSEGPT_DEBUG=1)")
     from flows.errors import DEBUG_ENV, USER_ERRORS, debug, one_line
@@ -162,9 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     command = args.command
     del args.command, args.debug
     try:
-        return {"prune": _prune, "eval": _eval, "report": _report, "status": _status, "progressive": _progressive}[
-            command
-        ](args)
+        commands = {"prune": _prune, "eval": _eval, "report": _report, "status": _status, "progressive": _progressive}
+        return {**commands, "export": _export}[command](args)
     except USER_ERRORS as exc:
         if debug():
             raise

@@ -4,8 +4,10 @@ only those below it in data-flow order. Imports under `if TYPE_CHECKING:` are ty
 import ast
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
-ORDER = ["config", "run", "data", "model", "report", "prune", "finetune", "evaluate", "progressive"]
+ORDER = ["config", "run", "data", "model", "report", "prune", "finetune", "evaluate", "export", "progressive"]
 """stages/ subpackages, lowest first (config.tree and config.parts import only run-free helpers of data)."""
 ALLOWED_UP = {("config", "data")}
 """The config parts check dataset and task SPECs with the data layer's parsers (stages.data.specs, .tasks)."""
@@ -54,3 +56,16 @@ def test_stage_subpackages_import_only_lower_ones():
             dst = names[1]
             ok = ORDER.index(dst) < ORDER.index(src) or (src, dst) in ALLOWED_UP
             assert ok, f"stages/{'/'.join(parts)} imports {module}: {src} may only import {ORDER[: ORDER.index(src)]}"
+
+
+def test_every_package_is_in_the_wheel():
+    """pyproject lists packages explicitly (data/ ships under another name): a folder with an __init__.py
+    that is not listed is missing from a regular (non-editable) install."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    listed = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {
+        ".".join(p.parent.relative_to(REPO).parts)
+        for top in ("sparsegpt", "flows", "stages")
+        for p in (REPO / top).rglob("__init__.py")
+    }
+    assert found <= listed, f"missing from pyproject.toml's [tool.setuptools] packages: {sorted(found - listed)}"
