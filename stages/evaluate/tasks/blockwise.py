@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from stages.evaluate.tasks.scoring import (
     Pass,
@@ -78,14 +79,17 @@ def _model_kwargs(p: Pass, dtype: torch.dtype, device: torch.device) -> dict:
     return {"attention_mask": mask[:, None], "position_ids": p.tree_kw["positions"].to(device)}
 
 
-def _walk(model: Blockwise, trunk: Head, passes: list[Pass]) -> Iterator[tuple[Pass, torch.Tensor]]:
+def _walk(
+    model: Blockwise, trunk: Head, passes: list[Pass], progress: bool = False
+) -> Iterator[tuple[Pass, torch.Tensor]]:
     """Run passes through every block, one block in memory; yield (pass, logits at its kept nodes)."""
     cpu = torch.device("cpu")
     flights = []
     for p in passes:
         hidden, kwargs = trunk.block_inputs(p.ids, **_model_kwargs(p, model.dtype, trunk.device))
         flights.append(_InFlight(p, hidden.to(cpu), kwargs))
-    for i in range(skeleton(model.model_dir, model.trust_remote_code).num_blocks):
+    n_blocks = skeleton(model.model_dir, model.trust_remote_code).num_blocks
+    for i in tqdm(range(n_blocks), desc="tasks: blocks", disable=not progress, leave=False):
         block = load_block(model.model_dir, i, model.device, model.dtype, model.trust_remote_code)
         for f in flights:
             kwargs = {k: move_kwargs(v, 1, trunk.device, model.dtype) for k, v in f.kwargs[i].items()}
@@ -122,29 +126,32 @@ def blockwise_scores(
     width = int(getattr(config.get_text_config(), "hidden_size", 0) or 0) * model.dtype.itemsize
     trunk = Head(model.model_dir, model.device, model.dtype, model.trust_remote_code)
     tries = _full_attention_only(config)
-    probe = probe_rows(config)
+    probe = probe_rows(config) if tries else []
     plain_probe = [prepare_pass(b) for b in tree_batches(probe, False, 1)]
-    tree_probe = [prepare_pass(b) for b in tree_batches(probe, True, 8)] if tries else []
+    tree_probe = [prepare_pass(b) for b in tree_batches(probe, True, 8)]
     passes = [prepare_pass(b) for b in tree_batches(rows, tries, batch_size)]
     groups = _groups(passes, model.max_bytes, width) or [[]]
     out: dict[int, tuple[float, bool]] = {}
     for g, group in enumerate(groups):
         first = plain_probe + tree_probe if g == 0 else []
-        results = {id(p): list(finish_pass(p, logits)) for p, logits in _walk(model, trunk, first + group)}
+        walked = _walk(model, trunk, first + group, progress)
+        results = {id(p): list(finish_pass(p, logits)) for p, logits in walked}
         if g == 0 and tries:
             want = {j: r for p in plain_probe for j, r in results[id(p)]}
             got = {j: r for p in tree_probe for j, r in results[id(p)]}
             if not probe_agrees(want, got, model.dtype):  # tries are not safe here: score plain rows
                 passes = [prepare_pass(b) for b in tree_batches(rows, False, batch_size)]
-                return _plain(model, trunk, passes, width)
+                return _plain(model, trunk, passes, width, progress)
         for p in group:
             out.update(results[id(p)])
     return out
 
 
-def _plain(model: Blockwise, trunk: Head, passes: list[Pass], width: int) -> dict[int, tuple[float, bool]]:
+def _plain(
+    model: Blockwise, trunk: Head, passes: list[Pass], width: int, progress: bool = False
+) -> dict[int, tuple[float, bool]]:
     out: dict[int, tuple[float, bool]] = {}
     for group in _groups(passes, model.max_bytes, width):
-        for p, logits in _walk(model, trunk, group):
+        for p, logits in _walk(model, trunk, group, progress):
             out.update(finish_pass(p, logits))
     return out

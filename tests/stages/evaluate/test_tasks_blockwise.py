@@ -21,7 +21,7 @@ def test_blockwise_scores_equal_one_request_at_a_time(tiny_model_factory, monkey
     items = designed_items()
     walks = []
     real_walk = blockwise._walk
-    monkeypatch.setattr(blockwise, "_walk", lambda m, t, ps: (walks.append(len(ps)), real_walk(m, t, ps))[1])
+    monkeypatch.setattr(blockwise, "_walk", lambda m, t, ps, *a: (walks.append(len(ps)), real_walk(m, t, ps, *a))[1])
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", None)  # never the whole model
     scores = score_items(Blockwise(folder, max_bytes=max_bytes), tok, items, batch_size=1, max_length=24)
     monkeypatch.undo()
