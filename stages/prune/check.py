@@ -80,7 +80,8 @@ def check_free_disk(cfg: PruneConfig, model_dir: Path, config: Any, dtype: torch
     existing = root
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
-    done = sum(p.stat().st_size for p in root.rglob("*") if p.is_file()) if root.is_dir() else 0
+    files = {(st.st_dev, st.st_ino): st.st_size for p in root.rglob("*") if p.is_file() for st in [p.stat()]}
+    done = sum(files.values())  # a hard link (model/ shares blocks/) counted once
     needed = disk_needed(cfg, model_dir, config, dtype) - done
     free = shutil.disk_usage(existing).free
     if needed > free:
