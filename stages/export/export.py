@@ -20,7 +20,15 @@ from pathlib import Path
 from typing import Any
 
 from stages.evaluate.evaluate import sparsity_report
-from stages.run.rundir import RUN_JSON, RunError, atomic_write_json, fsync_dir, fsync_tree, verify_record
+from stages.run.rundir import (
+    RUN_JSON,
+    RunError,
+    atomic_write_json,
+    fsync_dir,
+    fsync_tree,
+    link_or_copy,
+    verify_record,
+)
 
 FORMATS = ("hf",)
 
@@ -89,13 +97,6 @@ def model_card(options: dict[str, Any], table: dict[str, Any], metrics: dict[str
     return "\n".join(lines)
 
 
-def _link_or_copy(src: Path, dst: Path) -> None:
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
-
-
 def export_run(run_dir: Path | str, fmt: str = "hf", out: Path | str | None = None) -> Path:
     """Write the export of a finished one-shot run; return its folder."""
     run_dir = Path(run_dir)
@@ -117,7 +118,7 @@ def export_run(run_dir: Path | str, fmt: str = "hf", out: Path | str | None = No
     try:
         for f in sorted(model.iterdir()):
             if f.is_file():
-                _link_or_copy(f, tmp / f.name)
+                link_or_copy(f, tmp / f.name)
         (tmp / "README.md").write_text(model_card(options, table, metrics), encoding="utf-8")
         atomic_write_json(tmp / "sparsity.json", table)
         fsync_tree(tmp)

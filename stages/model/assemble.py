@@ -29,7 +29,7 @@ from safetensors import safe_open
 
 from stages.model.blocks import Skeleton, skeleton
 from stages.model.models import INDEX_NAME, SAFETENSORS_DTYPES, SafetensorsIndex
-from stages.run.rundir import disk_full, fsync_dir, fsync_tree
+from stages.run.rundir import disk_full, fsync_dir, fsync_tree, link_or_copy
 
 PathLike = str | os.PathLike
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".ckpt", ".msgpack", ".h5")
@@ -178,19 +178,11 @@ def _write_shards(units: list[_Unit], folder: Path, max_bytes: int) -> list[dict
     shards = []
     for j, group in enumerate(groups):
         if group[0].shard is not None:
-            _link_or_copy(group[0].shard, folder / f"shard-{j:05d}.safetensors")
+            link_or_copy(group[0].shard, folder / f"shard-{j:05d}.safetensors")
         else:
             _stream_safetensors(folder / f"shard-{j:05d}.safetensors", group)
         shards.append({k: math.prod(shape) * dt.itemsize for u in group for k, (dt, shape) in u.layout.items()})
     return shards
-
-
-def _link_or_copy(src: Path, dst: Path) -> None:
-    """A hard link (no bytes written), or a copy on a file system without hard links between the two."""
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copyfile(src, dst)
 
 
 def _stream_safetensors(path: Path, units: list[_Unit]) -> None:

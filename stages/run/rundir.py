@@ -66,6 +66,14 @@ def fsync_tree(folder: Path) -> None:
         fsync_dir(Path(dirpath))
 
 
+def link_or_copy(src: Path | str, dst: Path | str) -> None:
+    """Hard-link `src` as `dst` (no bytes written), or copy it where the file system cannot link the two."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
 def disk_full(path: Path, exc: OSError) -> RunError:
     """The one-line error for ENOSPC while writing `path`."""
     return RunError(
