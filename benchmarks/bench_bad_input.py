@@ -56,7 +56,7 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--repeat", type=int, default=1, help="runs per case; the slowest is reported")
     args = ap.parse_args()
-    from stages.model.models import resolve_model
+    from stages.model.checkpoint import resolve_model
 
     resolve_model(args.model)  # the one-time conversion of the embedded model is not a refusal's cost
     exe = shutil.which("sparsegpt") or sys.exit("error: the sparsegpt command is not installed; pip install -e .")

@@ -60,7 +60,7 @@ def quality(args: argparse.Namespace, work: Path) -> None:
         f"{args.eval_windows or 'all'} windows x {args.seqlen}, CPU"
     )
     print(f"{'setting':<8} {'who':<10} {'dense':>7} {'pruned':>8} {'authors':>8} {'wall s':>8} {'peak MiB':>9}  stages")
-    from stages.model.models import resolve_model
+    from stages.model.checkpoint import resolve_model
 
     model_dir = resolve_model("smollm2-135m")
     settings = (("50%", ["--sparsity", "0.5"]), ("2:4", ["--nm", "2:4"]))

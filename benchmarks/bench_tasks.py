@@ -2,7 +2,7 @@
 
 Scores the task sample files (../shared/data/task-samples: LAMBADA, PIQA, ARC-Easy,
 HellaSwag, WinoGrande, BoolQ, StoryCloze; 20 items each) with the real embedded model
-(SmolLM2-135M, `stages.model.models.resolve_model`) in up to three ways:
+(SmolLM2-135M, `stages.model.checkpoint.resolve_model`) in up to three ways:
 
 - naive: one request at a time, every request its own forward over its whole context +
   continuation with full logits (the plain reference, written out here);
@@ -38,7 +38,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from stages.evaluate.perplexity import causal_lm_forward
 from stages.evaluate.tasks.zeroshot import ItemScore, choice_length, encode_pair, load_task, score_items
-from stages.model.models import DEFAULT_MODEL, max_positions, resolve_model
+from stages.model.checkpoint import DEFAULT_MODEL, resolve_model
+from stages.model.models import max_positions
 
 SAMPLES = Path(os.environ.get("SPARSEGPT_DATA_DIR", ROOT.parent / "shared" / "data")) / "task-samples"
 FILES = {

@@ -64,7 +64,7 @@ SHAPES: dict[str, tuple[type[PretrainedConfig], dict]] = {
 
 def tokenizer_dir() -> Path:
     """The embedded SmolLM2-135M folder, whose tokenizer every scale checkpoint carries."""
-    from stages.model.models import resolve_model
+    from stages.model.checkpoint import resolve_model
 
     return resolve_model("smollm2-135m")
 

@@ -28,7 +28,7 @@ def perplexity(cfg: EvaluateConfig, model_dir: str, spec: str) -> dict:
     """Block-wise perplexity of ``model_dir`` on one SPEC, in the run's compute dtype (shared across runs and
     evaluations through `stages.evaluate.cache` unless ``--no-cache``)."""
     ev, rt = cfg.eval, cfg.runtime
-    dtype = compute_dtype(rt.device, Path(model_dir), rt.dtype, cfg.trust_remote_code)
+    dtype = compute_dtype(rt.device, Path(model_dir), rt.dtype)
     where = evaluated_on(dtype, rt.device)
     shared = shared_record("ppl", Path(model_dir), spec, seqlen=cfg.eval_seqlen, windows=ev.windows, **where)
     out = verify_record(shared) if rt.cache else None
@@ -56,7 +56,7 @@ def zero_shot(cfg: EvaluateConfig, model_dir: str, artifact: UUID, done: int, to
         done += 1
         move(artifact, done, total, f"task {name}")
 
-    dtype = compute_dtype(rt.device, Path(model_dir), rt.dtype, cfg.trust_remote_code)
+    dtype = compute_dtype(rt.device, Path(model_dir), rt.dtype)
     res = score_tasks(
         Path(model_dir),
         list(ev.tasks),

@@ -111,7 +111,7 @@ def tiny_model_dir(request: pytest.FixtureRequest, tiny_model_factory: Callable[
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
     """The embedded SmolLM2-135M as safetensors (converted on first use into the default cache; slow)."""
-    from stages.model.models import DEFAULT_MODEL, resolve_model
+    from stages.model.checkpoint import DEFAULT_MODEL, resolve_model
 
     return resolve_model(DEFAULT_MODEL)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from stages.config import EvaluateConfig
-from stages.model.models import check_model
+from stages.model.checkpoint import check_model
 
 
 def check(cfg: EvaluateConfig) -> Path:

@@ -39,7 +39,8 @@ from stages.finetune.config import FinetuneConfig, FinetuneRuntime, check_autoca
 from stages.finetune.data import TokenWindows, prepare_windows
 from stages.finetune.loss import Masks, derive_masks
 from stages.finetune.train import Trainer, build_trainer, load_state_dict, state_dict, train_step
-from stages.model.models import load_config, load_tokenizer, max_positions, validate_model_dir
+from stages.model.checkpoint import validate_model_dir
+from stages.model.models import load_config, load_tokenizer, max_positions
 from stages.run.identity import config_diff
 from stages.run.rundir import atomic_write_json, fsync_dir, fsync_tree, verify_record, write_record
 

@@ -28,7 +28,8 @@ import torch
 from safetensors import safe_open
 
 from stages.model.blocks import Skeleton, skeleton
-from stages.model.models import INDEX_NAME, SAFETENSORS_DTYPES, SafetensorsIndex
+from stages.model.checkpoint import INDEX_NAME, SafetensorsIndex
+from stages.model.models import SAFETENSORS_DTYPES
 from stages.run.rundir import disk_full, fsync_dir, fsync_tree, link_or_copy
 
 PathLike = str | os.PathLike

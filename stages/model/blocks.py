@@ -27,7 +27,8 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 from transformers import initialization as hf_init
 from transformers.pytorch_utils import Conv1D
 
-from stages.model.models import SafetensorsIndex, load_config
+from stages.model.checkpoint import SafetensorsIndex
+from stages.model.models import load_config
 from stages.run.rundir import atomic_path
 
 PathLike = str | os.PathLike

@@ -20,7 +20,7 @@ from transformers import PreTrainedModel
 from transformers.cache_utils import Cache
 
 from stages.model.blocks import Kwargs, find_blocks, materialize, meta_model, move_kwargs
-from stages.model.models import SafetensorsIndex
+from stages.model.checkpoint import SafetensorsIndex
 
 PathLike = str | os.PathLike
 

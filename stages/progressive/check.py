@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from stages.model.models import check_model
+from stages.model.checkpoint import check_model
 from stages.progressive.config import ProgressiveConfig
 from stages.prune.check import check_nm_fits, check_nm_hidden
 from stages.run.identity import check_run

@@ -152,7 +152,7 @@ class ProgressiveConfig(Tree):
     def round_model(self, k: int) -> Path:
         """The model a finished round k hands on (round 0: the dense model's directory)."""
         if k == 0:
-            from stages.model.models import resolve_model
+            from stages.model.checkpoint import resolve_model
 
             return resolve_model(self.model, trust_remote_code=self.trust_remote_code)
         sub = "finetune" if self.finetunes else "prune"

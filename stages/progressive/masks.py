@@ -21,7 +21,7 @@ def write_mask(path: Path, model_dir: Path, trust_remote_code: bool = False) -> 
     ``{"pruned": int, "total": int, "sparsity": float}``.
     """
     from stages.model.blocks import skeleton
-    from stages.model.models import SafetensorsIndex
+    from stages.model.checkpoint import SafetensorsIndex
 
     sk = skeleton(model_dir, trust_remote_code)
     index = SafetensorsIndex.open(model_dir)

@@ -128,7 +128,7 @@ def _share_tokens(cfg: ProgressiveConfig, fcfg: FinetuneConfig, dst: Path, model
 
 
 def _perplexities(cfg: ProgressiveConfig, model_dir: Path, folder: Path, tag: str, k: int) -> dict[str, dict]:
-    dtype = compute_dtype(cfg.runtime.device, model_dir, cfg.runtime.dtype, cfg.trust_remote_code)
+    dtype = compute_dtype(cfg.runtime.device, model_dir, cfg.runtime.dtype)
     out = {}
     for spec in cfg.eval.specs:
         label, key = eval_key(cfg, spec)
@@ -198,7 +198,7 @@ def final_tasks(cfg: ProgressiveConfig, step: Callable[[str], None] | None = Non
             list(cfg.eval.tasks),
             cfg.eval.task_limit,
             device=cfg.runtime.device,
-            dtype=compute_dtype(cfg.runtime.device, model_dir, cfg.runtime.dtype, cfg.trust_remote_code),
+            dtype=compute_dtype(cfg.runtime.device, model_dir, cfg.runtime.dtype),
             batch_size=cfg.eval.batch_size,
             trust_remote_code=cfg.trust_remote_code,
             progress=cfg.runtime.progress,

@@ -1,8 +1,9 @@
 """What a one-shot prune refuses before any work, and the identity its run directory keys on.
 
-`check` reads the arguments, the model's config and the files' existence only, cheapest
-first (the model skeleton, the one costly import, comes last), so that the command
-line answers bad input in a few seconds, before Prefect starts. It writes nothing.
+`check` reads the arguments, the model's config (as JSON) and the files' existence only,
+cheapest first (the model skeleton, the first import of torch and transformers' modeling
+code, comes last), so that the command line answers bad input in well under a second,
+before Prefect starts. It writes nothing.
 """
 
 from __future__ import annotations
@@ -12,15 +13,24 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
-
 from stages.config import PruneConfig
-from stages.model.models import SafetensorsIndex, check_model, checkpoint_digest, compute_dtype
+from stages.model.checkpoint import (
+    HIDDEN_ATTRS,
+    SafetensorsIndex,
+    check_model,
+    checkpoint_digest,
+    compute_dtype_name,
+    config_int,
+)
 from stages.run.identity import check_run
 from stages.run.rundir import RunError
 
 if TYPE_CHECKING:
+    import torch
+
     from stages.model.blocks import Skeleton
+
+_ITEMSIZE = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2}
 
 
 def check(cfg: PruneConfig) -> tuple[Path, Skeleton, torch.dtype]:
@@ -30,19 +40,21 @@ def check(cfg: PruneConfig) -> tuple[Path, Skeleton, torch.dtype]:
     compute dtype."""
     seqlens = {"seqlen": cfg.calib.seqlen, "eval_seqlen": cfg.eval_seqlen}
     model_dir, config = check_model(cfg.model, cfg.trust_remote_code, cfg.runtime.device, seqlens)
-    dtype = compute_dtype(cfg.runtime.device, model_dir, cfg.runtime.dtype, cfg.trust_remote_code)
+    dtype = compute_dtype_name(cfg.runtime.device, config, cfg.runtime.dtype)
     identity = run_identity(cfg, dtype, model_dir)
     check_run(cfg.run_dir, identity, upgrade=identity_upgrade(identity))
     check_free_disk(cfg, model_dir, config, dtype)
     check_nm_hidden(cfg, config)
-    from stages.model.blocks import skeleton  # builds the model on the meta device: transformers' modeling code
+    # the first import of torch and transformers' modeling code: the model built on the meta device
+    from stages.model.blocks import skeleton
+    from stages.model.models import compute_dtype
 
     sk = skeleton(model_dir, cfg.trust_remote_code)
     check_nm_fits(cfg, sk)
-    return model_dir, sk, dtype
+    return model_dir, sk, compute_dtype(cfg.runtime.device, model_dir, cfg.runtime.dtype)
 
 
-def run_identity(cfg: PruneConfig, dtype: torch.dtype, model_dir: Path) -> dict:
+def run_identity(cfg: PruneConfig, dtype: torch.dtype | str, model_dir: Path) -> dict:
     """The config's identity, the compute dtype it resolved to (activations on disk are in that dtype, so a
     resume with another `--dtype`, or a device whose auto dtype differs, is refused) and the checkpoint's
     digest (`checkpoint_digest`: a checkpoint replaced under a half-pruned run is refused)."""
@@ -62,18 +74,18 @@ def identity_upgrade(identity: Mapping[str, Any]) -> Callable[[Mapping[str, Any]
     return upgrade
 
 
-def disk_needed(cfg: PruneConfig, model_dir: Path, config: Any, dtype: torch.dtype) -> int:
+def disk_needed(cfg: PruneConfig, model_dir: Path, config: Mapping[str, Any], dtype: str) -> int:
     """Bytes a prune writes at its peak: the pruned blocks (about the checkpoint's size; `model/` links
     them and adds its non-block tensors) and the activation boundaries kept at once (`keep_acts` + the one
     being written)."""
     index = SafetensorsIndex.open(model_dir)
     weights = sum((model_dir / f).stat().st_size for f in index.files())
-    hidden = getattr(config.get_text_config(), "hidden_size", 0) or 0
-    boundary = cfg.calib.nsamples * cfg.calib.seqlen * hidden * dtype.itemsize
+    hidden = config_int(config, HIDDEN_ATTRS) or 0
+    boundary = cfg.calib.nsamples * cfg.calib.seqlen * hidden * _ITEMSIZE.get(dtype, 4)
     return weights + (cfg.runtime.keep_acts + 1) * boundary
 
 
-def check_free_disk(cfg: PruneConfig, model_dir: Path, config: Any, dtype: torch.dtype) -> None:
+def check_free_disk(cfg: PruneConfig, model_dir: Path, config: Mapping[str, Any], dtype: str) -> None:
     """Refuse a run whose peak disk use exceeds the free space under its run directory (minus what a
     resumed run has already written)."""
     root = Path(cfg.run_dir)
@@ -91,13 +103,13 @@ def check_free_disk(cfg: PruneConfig, model_dir: Path, config: Any, dtype: torch
         )
 
 
-def check_nm_hidden(cfg: PruneConfig, config: Any) -> None:
+def check_nm_hidden(cfg: PruneConfig, config: Mapping[str, Any]) -> None:
     """Refuse, from the config alone, an N:M whose M does not divide the hidden size: the input width of the
     layers that read a block's input (q/k/v, gate/up, fc1) in every decoder (`check_nm_fits` then checks
     every layer against the skeleton)."""
     n, m = cfg.solver.prune_nm
-    hidden = getattr(config.get_text_config(), "hidden_size", None)
-    if m and isinstance(hidden, int) and hidden % m:
+    hidden = config_int(config, HIDDEN_ATTRS)
+    if m and hidden is not None and hidden % m:
         raise ValueError(
             f"--nm {n}:{m} does not fit the model: its hidden size {hidden} (the input width of the layers that "
             f"read each block's input) is not a multiple of M={m}; choose an M that divides it (e.g. 2:4)"

@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 
 from stages.model.assemble import assemble, block_file_name
 from stages.model.blocks import find_layers, get_weight, load_block, save_block, skeleton
-from stages.model.models import INDEX_NAME, SafetensorsIndex
+from stages.model.checkpoint import INDEX_NAME, SafetensorsIndex
 
 
 def write_blocks(model_dir: Path, folder: Path, edit=None) -> Path:

@@ -8,7 +8,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, PretrainedConfig
 from transformers.pytorch_utils import Conv1D
 
-import stages.model.models as models
+import stages.model.checkpoint as checkpoint
 from stages.model.blocks import (
     find_blocks,
     find_layers,
@@ -92,7 +92,7 @@ def test_load_block_matches_full_model(tiny_model_dir: Path) -> None:
 def test_load_block_reads_only_its_tensors(tiny_model_factory, monkeypatch: pytest.MonkeyPatch) -> None:
     model_dir = tiny_model_factory("llama", max_shard_size="20KB")
     read: list[str] = []
-    real_open = models.safe_open
+    real_open = checkpoint.safe_open
 
     class Recording:
         def __init__(self, *args, **kwargs) -> None:
@@ -112,7 +112,7 @@ def test_load_block_reads_only_its_tensors(tiny_model_factory, monkeypatch: pyte
             read.append(name)
             return self.f.get_tensor(name)
 
-    monkeypatch.setattr(models, "safe_open", Recording)
+    monkeypatch.setattr(checkpoint, "safe_open", Recording)
     load_block(model_dir, 2)
     assert read and all(name.startswith("model.layers.2.") for name in read)
 

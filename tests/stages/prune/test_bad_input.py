@@ -27,7 +27,7 @@ import stages.model.blocks
 import stages.prune.oneshot
 from sparsegpt import HessianError
 from stages.config import PruneConfig
-from stages.model.models import resolve_model
+from stages.model.checkpoint import resolve_model
 from stages.prune.oneshot import prepare, run_pipeline
 from stages.run.rundir import RunError
 from tests.configs import tiny_prune
