@@ -5,6 +5,7 @@ from stages.config.parts import (  # noqa: F401
     CalibConfig,
     EvalConfig,
     PruneRuntime,
+    ReconstructConfig,
     RuntimeConfig,
     SolverConfig,
     parse_nm,

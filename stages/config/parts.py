@@ -9,7 +9,7 @@ settings are `dataclasses.replace` calls on them. `EvalConfig` and `RuntimeConfi
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Literal
 
 from sparsegpt.spec import QuantSpec, check_nm, check_sparsity
@@ -21,6 +21,8 @@ Method = Literal["sparsegpt", "wanda", "magnitude"]
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 METHODS = ("sparsegpt", "wanda", "magnitude")
+Target = Literal["dense-stream", "dense-block"]
+TARGETS = ("dense-stream", "dense-block")
 
 
 def parse_nm(text: str | None) -> tuple[int, int]:
@@ -36,15 +38,16 @@ def parse_nm(text: str | None) -> tuple[int, int]:
 
 
 FLAG_NOTES = {"task_limit": "task_limit (--limit)"}
-"""How a check names a leaf whose flag differs from its field name."""
+"""How a check names a leaf whose flag differs from its flat name."""
 
 
 def _positive(part: object, *names: str, low: int = 1) -> None:
+    flat = {f.name: f.metadata.get("flat", f.name) for f in fields(part)}  # type: ignore[arg-type]
     for name in names:
         value = getattr(part, name)
         if value is not None and value < low:
             what = "a positive integer" if low == 1 else f"an integer >= {low}"
-            raise ValueError(f"{FLAG_NOTES.get(name, name)} must be {what}, got {value}")
+            raise ValueError(f"{FLAG_NOTES.get(flat[name], flat[name])} must be {what}, got {value}")
 
 
 @dataclass(frozen=True)
@@ -130,6 +133,38 @@ class SolverConfig:
     def label(self) -> str:
         """``sparsegpt 50%`` or ``sparsegpt 2:4``, for tables."""
         return f"{self.method} {self.nm or f'{self.target:.0%}'}"
+
+
+@dataclass(frozen=True)
+class ReconstructConfig:
+    """Block-wise reconstruction (EBFT): after each block's solve, Adam on its surviving weights and norms,
+    the mask fixed, so that its outputs match the dense model's (`stages.prune.reconstruct`)."""
+
+    enabled: bool = opt(False, flat="reconstruct")
+    """After each block's solve, train its surviving weights toward the dense model's block outputs."""
+    epochs: int = opt(2, flat="reconstruct_epochs")
+    """Passes over the reconstruction samples per block."""
+    lr: float = opt(1e-2, flat="reconstruct_lr")
+    """Adam's learning rate (decays linearly to zero over the block's steps)."""
+    target: Target = opt("dense-stream", flat="reconstruct_target")
+    """dense-stream: the dense model's block outputs on its own inputs (a second activation stream on disk;
+    corrects the error carried in from earlier blocks); dense-block: the dense block on the pruned model's
+    inputs."""
+    samples: int | None = opt(None, flat="reconstruct_samples")
+    """Windows to reconstruct on: the calibration windows, or the first N drawn the same way (more than
+    --nsamples draws more; the Hessians still use the first --nsamples)."""
+    batch_size: int = opt(2, flat="reconstruct_batch_size")
+    """Windows per training step."""
+    teacher: str | None = opt(None, flat="reconstruct_teacher")
+    """The dense model whose blocks give the targets (same depth and width): default the model being pruned,
+    before its solve. A progressive round sets the run's dense model."""
+
+    def __post_init__(self) -> None:
+        _positive(self, "epochs", "samples", "batch_size")
+        if not self.lr > 0:
+            raise ValueError(f"reconstruct_lr must be a positive learning rate (e.g. 1e-4), got {self.lr}")
+        if self.target not in TARGETS:
+            raise ValueError(f"reconstruct_target must be one of {', '.join(TARGETS)}, got {self.target!r}")
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from stages.config.parts import CalibConfig, EvalConfig, PruneRuntime, RuntimeConfig, SolverConfig
+from stages.config.parts import CalibConfig, EvalConfig, PruneRuntime, ReconstructConfig, RuntimeConfig, SolverConfig
 from stages.config.tree import Tree, opt, part
 
 
@@ -25,13 +25,24 @@ class PruneConfig(Tree):
     """Allow a model's own Python code from the hub to run."""
     calib: CalibConfig = part(CalibConfig)
     solver: SolverConfig = part(SolverConfig)
+    reconstruct: ReconstructConfig = part(ReconstructConfig)
     eval: EvalConfig = part(EvalConfig)
     runtime: PruneRuntime = part(PruneRuntime)
+
+    def __post_init__(self) -> None:
+        if self.reconstruct.enabled and self.solver.wbits != 16:
+            raise ValueError("--reconstruct trains the weights off --wbits' quantization grid; drop one of the two")
 
     @property
     def eval_seqlen(self) -> int:
         """Tokens per evaluation window: `eval.seqlen`, else the calibration seqlen."""
         return self.eval.seqlen or self.calib.seqlen
+
+    @property
+    def windows(self) -> int:
+        """Calibration windows drawn: `--nsamples`, or more when reconstruction asks for more."""
+        extra = self.reconstruct.samples if self.reconstruct.enabled else None
+        return max(self.calib.nsamples, extra or 0)
 
 
 @dataclass(frozen=True)

@@ -50,6 +50,8 @@ POSITION_ATTRS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_
 """Config keys naming the longest sequence a model supports, first found wins."""
 HIDDEN_ATTRS = ("hidden_size", "n_embd", "d_model")
 """Config keys naming the width of a block's input."""
+DEPTH_ATTRS = ("num_hidden_layers", "n_layer", "num_layers")
+"""Config keys naming the number of decoder blocks."""
 TEXT_CONFIG_KEYS = ("text_config", "decoder", "generator", "text_encoder")
 """Keys of a composite config that hold the language model's own config (as `get_text_config`)."""
 SAFETENSORS_DTYPE_NAMES = {

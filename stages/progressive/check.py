@@ -1,11 +1,12 @@
 """What a progressive run refuses before any work: the model, its positions, the GPU, a run directory
-holding another run, and an N:M round whose M does not divide a layer's width."""
+holding another run, whole-model distillation that cannot fit the device, and an N:M round whose M does
+not divide a layer's width."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from stages.model.checkpoint import check_model
+from stages.model.checkpoint import SafetensorsIndex, check_model, safetensors_header
 from stages.progressive.config import ProgressiveConfig
 from stages.prune.check import check_nm_fits, check_nm_hidden
 from stages.run.identity import check_run
@@ -17,6 +18,8 @@ def check(cfg: ProgressiveConfig) -> Path:
     seqlens = {"seqlen": cfg.calib.seqlen, "eval_seqlen": cfg.eval_seqlen, "finetune_seqlen": cfg.finetune.seqlen}
     model_dir, config = check_model(cfg.model, cfg.trust_remote_code, cfg.runtime.device, seqlens)
     check_run(cfg.root(), cfg.identity(), upgrade=ProgressiveConfig.upgrade)
+    if cfg.finetunes:
+        check_distill_fits(cfg, model_dir)
     nm_rounds = [k for k in range(1, cfg.rounds + 1) if ":" in cfg.schedule[k - 1]]
     for k in nm_rounds:
         check_nm_hidden(cfg.prune_config(k), config)
@@ -27,3 +30,43 @@ def check(cfg: ProgressiveConfig) -> Path:
         for k in nm_rounds:
             check_nm_fits(cfg.prune_config(k), sk)
     return model_dir
+
+
+DISTILL_BYTES_PER_PARAMETER = 20
+"""What whole-model distillation holds per parameter at the least: the float32 student (4), its gradients
+(4), Adam's two moments (8) and the teacher (4 in float32; activations come on top)."""
+
+
+def device_bytes(device: str) -> int | None:
+    """Memory a run on `device` can use: the GPU's total, or the host's available memory (None if unknown)."""
+    if device.startswith("cuda"):
+        import torch
+
+        return int(torch.cuda.get_device_properties(torch.device(device)).total_memory)
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def check_distill_fits(cfg: ProgressiveConfig, model_dir: Path) -> None:
+    """Refuse `--recovery distill|both` when the model's parameters alone, at `DISTILL_BYTES_PER_PARAMETER`,
+    exceed the device's memory (counted from the safetensors headers, nothing loaded)."""
+    index = SafetensorsIndex.open(model_dir)
+    params = 0
+    for file in index.files():
+        for entry in safetensors_header(model_dir / file).values():
+            count = 1
+            for dim in entry["shape"]:
+                count *= int(dim)
+            params += count
+    need, have = params * DISTILL_BYTES_PER_PARAMETER, device_bytes(cfg.runtime.device)
+    if have is not None and need > have:
+        raise ValueError(
+            f"--recovery {cfg.recovery} distils the whole model: {params / 1e9:.2f}B parameters need at least "
+            f"{need / 2**30:.1f} GiB ({DISTILL_BYTES_PER_PARAMETER} bytes each: student, gradients, Adam, teacher) "
+            f"and {cfg.runtime.device} has {have / 2**30:.1f} GiB; use --recovery reconstruct (one block in memory)"
+        )

@@ -12,10 +12,18 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from sparsegpt.spec import check_sparsity
-from stages.config import CalibConfig, EvalConfig, PruneConfig, PruneRuntime, SolverConfig, parse_nm
+from stages.config import (
+    CalibConfig,
+    EvalConfig,
+    PruneConfig,
+    PruneRuntime,
+    ReconstructConfig,
+    SolverConfig,
+    parse_nm,
+)
 from stages.config.tree import Tree, opt, part
 from stages.finetune.config import FinetuneConfig, FinetuneRuntime, check_autocast
 
@@ -40,6 +48,10 @@ FINETUNE_OPTIONS = (
     "autocast",
 )
 """The fine-tune leaves a progressive run exposes (the budget is tokens per round)."""
+RECONSTRUCT_OPTIONS = ("epochs", "lr", "target", "samples", "batch_size")
+"""The reconstruction leaves a progressive run exposes (`--recovery` turns it on, the dense model is the teacher)."""
+Recovery = Literal["distill", "reconstruct", "both"]
+RECOVERIES = ("distill", "reconstruct", "both")
 
 
 def parse_schedule(entries: tuple[str | float, ...] | str) -> tuple[str, ...]:
@@ -114,8 +126,13 @@ class ProgressiveConfig(Tree):
     """Allow a model's own Python code from the hub to run."""
     schedule: tuple[str | float, ...] = opt(("0.5", "0.6", "0.7", "0.8"), sep=",", metavar="TARGET")
     """Rising per-round targets: sparsities (0.5,0.6,0.7,0.8), or N:M patterns of one M (1:4,2:4)."""
+    recovery: Recovery = "distill"
+    """How each round recovers after its solve: distill (whole-model distillation from the dense model, the
+    student, its teacher and Adam's state in memory), reconstruct (block-wise reconstruction toward the dense
+    model inside the prune, one block in memory), or both (reconstruct, then distill)."""
     calib: CalibConfig = part(CalibConfig)
     solver: SolverConfig = part(SolverConfig, cli=SOLVER_OPTIONS)
+    reconstruct: ReconstructConfig = part(ReconstructConfig, cli=RECONSTRUCT_OPTIONS)
     finetune: FinetuneConfig = part(FinetuneConfig, cli=FINETUNE_OPTIONS)
     eval: EvalConfig = part(EvalConfig)
     runtime: ProgressiveRuntime = part(ProgressiveRuntime)
@@ -127,6 +144,10 @@ class ProgressiveConfig(Tree):
                 "progressive rounds prune with sparsegpt, unquantized, without OWL; targets come from "
                 "--schedule (or --nm)"
             )
+        if self.recovery not in RECOVERIES:
+            raise ValueError(f"recovery must be one of {', '.join(RECOVERIES)}, got {self.recovery!r}")
+        if self.reconstruct.enabled or self.reconstruct.teacher:
+            raise ValueError("a progressive run reconstructs with --recovery reconstruct|both, toward its dense model")
         if self.finetune.steps is not None:
             raise ValueError("a progressive run's fine-tuning budget is --tokens-per-round, not a step count")
         check_autocast(self.finetune, self.runtime.device)
@@ -140,8 +161,13 @@ class ProgressiveConfig(Tree):
 
     @property
     def finetunes(self) -> bool:
-        """Whether rounds fine-tune at all (tokens per round > 0)."""
-        return bool(self.finetune.tokens)
+        """Whether rounds fine-tune at all (distillation recovery, tokens per round > 0)."""
+        return self.recovery != "reconstruct" and bool(self.finetune.tokens)
+
+    @property
+    def reconstructs(self) -> bool:
+        """Whether rounds reconstruct block by block inside their prune."""
+        return self.recovery != "distill"
 
     def root(self) -> Path:
         return Path(self.run_dir)
@@ -169,6 +195,9 @@ class ProgressiveConfig(Tree):
             trust_remote_code=self.trust_remote_code,
             calib=replace(self.calib, seed=self.calib.seed + k - 1),
             solver=solver,
+            reconstruct=replace(self.reconstruct, enabled=True, teacher=self.model)
+            if self.reconstructs
+            else self.reconstruct,
             eval=EvalConfig(seqlen=self.eval.seqlen, windows=self.eval.windows, batch_size=self.eval.batch_size),
             runtime=PruneRuntime(
                 device=self.runtime.device,

@@ -4,9 +4,12 @@ Round k (target s_k of the schedule):
 
     prune   the previous round's model (round 1: the dense model) to s_k with SparseGPT,
             keeping every weight that is already zero (the mask only grows), with fresh
-            calibration windows (seed + k - 1) run through the current model
+            calibration windows (seed + k - 1) run through the current model; with
+            `--recovery reconstruct|both` each block is then trained toward the dense
+            model's block outputs (the dense model is its `--reconstruct-teacher`)
     mask    the round's mask (True = pruned), bit-packed, from the pruned model's zeros
-    finetune with the mask fixed, distilling from the dense teacher (stages.finetune.finetune)
+    finetune with the mask fixed, distilling from the dense teacher (stages.finetune.finetune;
+            none with `--recovery reconstruct`)
     evaluate perplexity before and after fine-tuning
     record  rounds/round_KK/round.json, written last: the round is done
 
@@ -180,7 +183,7 @@ def finish_round(cfg: ProgressiveConfig, k: int, mask: dict, tuned: dict, evals:
         "model": str(model),
     }
     record = write_record(paths.record, row, [paths.mask, *sorted(p for p in model.iterdir() if p.is_file())])
-    for sub in ("acts", "blocks"):  # the round's model is written; its block files and activations are not needed
+    for sub in ("acts", "dense", "recon", "blocks"):  # the round's model is written; these are not needed
         shutil.rmtree(paths.prune / sub, ignore_errors=True)
     write_summary(cfg)
     return record

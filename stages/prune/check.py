@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from stages.config import PruneConfig
 from stages.model.checkpoint import (
+    DEPTH_ATTRS,
     HIDDEN_ATTRS,
     SafetensorsIndex,
     check_model,
@@ -45,6 +46,7 @@ def check(cfg: PruneConfig) -> tuple[Path, Skeleton, torch.dtype]:
     check_run(cfg.run_dir, identity, upgrade=identity_upgrade(identity))
     check_free_disk(cfg, model_dir, config, dtype)
     check_nm_hidden(cfg, config)
+    check_teacher(cfg, config)
     # the first import of torch and transformers' modeling code: the model built on the meta device
     from stages.model.blocks import skeleton
     from stages.model.models import compute_dtype
@@ -77,12 +79,15 @@ def identity_upgrade(identity: Mapping[str, Any]) -> Callable[[Mapping[str, Any]
 def disk_needed(cfg: PruneConfig, model_dir: Path, config: Mapping[str, Any], dtype: str) -> int:
     """Bytes a prune writes at its peak: the pruned blocks (about the checkpoint's size; `model/` links
     them and adds its non-block tensors) and the activation boundaries kept at once (`keep_acts` + the one
-    being written)."""
+    being written; twice that for `--reconstruct-target dense-stream`)."""
     index = SafetensorsIndex.open(model_dir)
     weights = sum((model_dir / f).stat().st_size for f in index.files())
     hidden = config_int(config, HIDDEN_ATTRS) or 0
-    boundary = cfg.calib.nsamples * cfg.calib.seqlen * hidden * _ITEMSIZE.get(dtype, 4)
-    return weights + (cfg.runtime.keep_acts + 1) * boundary
+    boundary = cfg.windows * cfg.calib.seqlen * hidden * _ITEMSIZE.get(dtype, 4)
+    boundaries = cfg.runtime.keep_acts + 1
+    if cfg.reconstruct.enabled:  # the dense stream as many more, or one boundary of dense-block targets
+        boundaries += boundaries if cfg.reconstruct.target == "dense-stream" else 1
+    return weights + boundaries * boundary
 
 
 def check_free_disk(cfg: PruneConfig, model_dir: Path, config: Mapping[str, Any], dtype: str) -> None:
@@ -113,6 +118,19 @@ def check_nm_hidden(cfg: PruneConfig, config: Mapping[str, Any]) -> None:
         raise ValueError(
             f"--nm {n}:{m} does not fit the model: its hidden size {hidden} (the input width of the layers that "
             f"read each block's input) is not a multiple of M={m}; choose an M that divides it (e.g. 2:4)"
+        )
+
+
+def check_teacher(cfg: PruneConfig, config: Mapping[str, Any]) -> None:
+    """Refuse a `--reconstruct-teacher` that does not resolve or whose blocks do not match the model's."""
+    if not (cfg.reconstruct.enabled and cfg.reconstruct.teacher):
+        return
+    _, teacher = check_model(cfg.reconstruct.teacher, cfg.trust_remote_code, "cpu", {})
+    ours, theirs = [(config_int(c, DEPTH_ATTRS), config_int(c, HIDDEN_ATTRS)) for c in (config, teacher)]
+    if ours != theirs:
+        raise ValueError(
+            f"--reconstruct-teacher {cfg.reconstruct.teacher} has {theirs[0]} blocks of width {theirs[1]}, the model "
+            f"being pruned {ours[0]} of width {ours[1]}; pass the dense version of the model being pruned"
         )
 
 

@@ -13,15 +13,24 @@ A block is done when `blocks/block_XXX.json` (written last, with the checksum of
 `block_XXX.safetensors`) verifies. Activations live in `acts/block_XXX/` as Arrow
 shards; only the last `keep_acts` boundaries are kept, and a missing boundary is
 rebuilt from the nearest earlier one through the already-pruned blocks.
+
+With `--reconstruct`, `prune_one` trains the block after its solve toward targets on
+disk (`stages.prune.reconstruct`): `dense-stream` keeps a second stream of boundaries,
+the dense model's own, in `dense/block_XXX/` (block 0's is `acts/block_000`; rebuilt
+through the dense blocks like the first stream); `dense-block` writes the dense block's
+outputs on the pruned stream to `recon/target_XXX/` and deletes them once the block is done.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import platform
+import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -44,9 +53,11 @@ from stages.model.blocks import (
     stored_dtypes,
 )
 from stages.model.capture import capture_inputs
+from stages.model.checkpoint import resolve_model
 from stages.model.models import load_tokenizer
 from stages.prune.check import check, identity_upgrade, run_identity
 from stages.prune.pruning import block_outlier_ratio, collect_hessians, prune_block
+from stages.prune.reconstruct import reconstruct_block
 from stages.run.identity import init_run
 from stages.run.memory import release_memory
 from stages.run.rundir import (
@@ -57,7 +68,7 @@ from stages.run.rundir import (
     verify_record,
     write_record,
 )
-from stages.run.shards import ShardWriter, is_complete, read_shards
+from stages.run.shards import ShardSet, ShardWriter, is_complete, read_shards
 from stages.run.timing import timed
 
 log = logging.getLogger("sparsegpt.pipeline")
@@ -73,6 +84,13 @@ class Run:
     num_blocks: int
     dtype: torch.dtype = torch.float32
     """The compute dtype of the blocks (part of the run's identity)."""
+    teacher_dir: Path | None = None
+    """The dense model of `--reconstruct-teacher`, when it is another checkpoint than `model_dir`."""
+
+    @property
+    def teacher(self) -> Path:
+        """The checkpoint whose dense blocks give the reconstruction targets."""
+        return self.teacher_dir or self.model_dir
 
     @property
     def tokens(self) -> Path:
@@ -84,6 +102,15 @@ class Run:
 
     def acts(self, i: int) -> Path:
         return self.root / "acts" / f"block_{i:03d}"
+
+    def dense_acts(self, i: int) -> Path:
+        """Boundary i of the dense model's own stream (`--reconstruct-target dense-stream`); block 0's inputs
+        are both streams' first boundary, unless a `--reconstruct-teacher` embeds them itself."""
+        return self.acts(0) if i == 0 and self.teacher_dir is None else self.root / "dense" / f"block_{i:03d}"
+
+    def target(self, i: int) -> Path:
+        """The dense block i's outputs on the pruned stream (`--reconstruct-target dense-block`)."""
+        return self.root / "recon" / f"target_{i:03d}"
 
     def block_file(self, i: int) -> Path:
         return self.root / "blocks" / f"block_{i:03d}.safetensors"
@@ -115,7 +142,15 @@ def prepare(cfg: PruneConfig) -> Run:
     model_dir, sk, dtype = check(cfg)
     identity = run_identity(cfg, dtype, model_dir)
     init_run(cfg.run_dir, identity, versions(), upgrade=identity_upgrade(identity), options=to_flat(cfg))
-    return Run(root=Path(cfg.run_dir), model_dir=model_dir, num_blocks=sk.num_blocks, dtype=dtype)
+    teacher = cfg.reconstruct.teacher if cfg.reconstruct.enabled else None
+    teacher_dir = resolve_model(teacher, trust_remote_code=cfg.trust_remote_code) if teacher else None
+    return Run(
+        root=Path(cfg.run_dir),
+        model_dir=model_dir,
+        num_blocks=sk.num_blocks,
+        dtype=dtype,
+        teacher_dir=teacher_dir if teacher_dir != model_dir else None,
+    )
 
 
 def calibrate(cfg: PruneConfig, run: Run) -> dict:
@@ -125,7 +160,7 @@ def calibrate(cfg: PruneConfig, run: Run) -> dict:
     if done is not None:
         return done
     tok = load_tokenizer(run.model_dir, cfg.trust_remote_code)
-    ids = sample_calibration(tok, cfg.calib)
+    ids = sample_calibration(tok, replace(cfg.calib, nsamples=cfg.windows))  # the first nsamples build Hessians
     write_tokens(run.tokens, ids)
     release_memory()  # tokenizing the corpus leaves a large freed heap behind
     return write_record(record, {"nsamples": int(ids.shape[0]), "seqlen": int(ids.shape[1])}, [run.tokens])
@@ -175,12 +210,30 @@ def _load_pruned(cfg: PruneConfig, run: Run, i: int, dtype: torch.dtype) -> torc
     return block
 
 
-def _forward_to_shards(cfg: PruneConfig, block: torch.nn.Module, src: Path, dst: Path, kwargs: dict) -> None:
-    """Run ``block`` over every sample of ``src`` and write the outputs to ``dst``."""
+def _forward_to_shards(
+    cfg: PruneConfig,
+    block: torch.nn.Module,
+    src: Path,
+    dst: Path,
+    kwargs: dict,
+    targets: ShardSet | None = None,
+    count: int = 0,
+) -> float | None:
+    """Run ``block`` over every sample of ``src`` and write the outputs to ``dst``; with ``targets``, return
+    the outputs' normalised MSE against them over the first ``count`` samples (`normalised_mse`)."""
     acts = read_shards(src)
+    err, norm, seen = 0.0, 0.0, 0
     with ShardWriter(dst, acts.dtype, acts.sample_shape, SAMPLES_PER_SHARD) as writer:
         for x in acts.iter_batches(cfg.runtime.batch_size, cfg.runtime.device):
-            writer.add(run_block(block, x, kwargs).to("cpu"))
+            out = run_block(block, x, kwargs)
+            n = min(len(out), count - seen) if targets is not None else 0
+            if n > 0:
+                y = torch.stack([targets[k] for k in range(seen, seen + n)]).to(out.device, torch.float32)
+                err += float((out[:n].float() - y).square().sum())
+                norm += float(y.square().sum())
+            seen += len(out)
+            writer.add(out.to("cpu"))
+    return err / max(norm, 1e-30) if targets is not None else None
 
 
 def ensure_acts(cfg: PruneConfig, run: Run, i: int) -> None:
@@ -199,6 +252,48 @@ def ensure_acts(cfg: PruneConfig, run: Run, i: int) -> None:
         prune_old([run.acts(j) for j in range(start, k + 2)], keep_last=cfg.runtime.keep_acts)
 
 
+def ensure_dense_acts(cfg: PruneConfig, run: Run, i: int) -> None:
+    """Make dense/block_i complete: the dense model's stream, rebuilt through the dense blocks from the
+    nearest earlier complete boundary (block 0's inputs, captured again if they are gone)."""
+    if is_complete(run.dense_acts(i)):
+        return
+    start = next((k for k in range(i - 1, 0, -1) if is_complete(run.dense_acts(k))), 0)
+    if start == 0 and run.teacher_dir is None:
+        ensure_acts(cfg, run, 0)
+    elif start == 0 and not is_complete(run.dense_acts(0)):  # the teacher's own block-0 inputs
+        ids = torch.from_numpy(read_tokens(run.tokens).astype(np.int64))
+        hidden, _ = capture_inputs(
+            run.teacher, ids, cfg.runtime.device, run.dtype, cfg.runtime.batch_size, cfg.trust_remote_code
+        )
+        with ShardWriter(run.dense_acts(0), run.dtype, tuple(hidden.shape[1:]), SAMPLES_PER_SHARD) as writer:
+            writer.add(hidden)
+        del hidden
+    dtype, kwargs = run.dtype, _load_kwargs(run)
+    for k in range(start, i):
+        log.info("rebuilding dense activations of block %d from block %d", k + 1, k)
+        block = load_block(run.teacher, k, cfg.runtime.device, dtype, cfg.trust_remote_code)
+        _forward_to_shards(cfg, block, run.dense_acts(k), run.dense_acts(k + 1), kwargs)
+        walked = [run.dense_acts(j) for j in range(start, k + 2) if j or run.teacher_dir]  # acts/block_000 stays
+        prune_old(walked, keep_last=cfg.runtime.keep_acts)
+
+
+def _targets(cfg: PruneConfig, run: Run, i: int, block: torch.nn.Module, kwargs: dict) -> Path:
+    """Write the reconstruction targets of block i with its dense weights (`block` before its solve, or the
+    teacher's block i); return their folder. dense-stream: the dense block on the dense stream, which is
+    also dense/block_{i+1}."""
+    dense = block
+    if run.teacher_dir is not None:
+        dense = load_block(run.teacher, i, cfg.runtime.device, run.dtype, cfg.trust_remote_code)
+    if cfg.reconstruct.target == "dense-stream":
+        ensure_dense_acts(cfg, run, i)
+        if not is_complete(run.dense_acts(i + 1)):
+            _forward_to_shards(cfg, dense, run.dense_acts(i), run.dense_acts(i + 1), kwargs)
+        return run.dense_acts(i + 1)
+    if not is_complete(run.target(i)):
+        _forward_to_shards(cfg, dense, run.acts(i), run.target(i), kwargs)
+    return run.target(i)
+
+
 def owl_allocation(cfg: PruneConfig, run: Run) -> list[float]:
     """Per-block sparsities: uniform, or OWL from a dense pass over all blocks."""
     if not cfg.solver.owl:
@@ -209,7 +304,8 @@ def owl_allocation(cfg: PruneConfig, run: Run) -> list[float]:
     ensure_acts(cfg, run, 0)
     dtype, kwargs = run.dtype, _load_kwargs(run)
     x = read_shards(run.acts(0))
-    hidden = torch.cat(list(x.iter_batches(cfg.runtime.batch_size)))  # dense activations, one boundary in memory
+    # dense activations of the calibration windows, one boundary in memory
+    hidden = torch.cat(list(x.iter_batches(cfg.runtime.batch_size, stop=cfg.calib.nsamples)))
     ratios = []
     for i in range(run.num_blocks):
         block = load_block(run.model_dir, i, cfg.runtime.device, dtype, cfg.trust_remote_code)
@@ -235,18 +331,53 @@ def prune_one(cfg: PruneConfig, run: Run, i: int, sparsity: float) -> dict:
     dtype, kwargs = run.dtype, _load_kwargs(run)
     block = load_block(run.model_dir, i, cfg.runtime.device, dtype, cfg.trust_remote_code)
     acts = read_shards(run.acts(i))
-    prefix = f"{skeleton(run.model_dir, cfg.trust_remote_code).block_prefix(i)}"
-    stats = prune_block(
-        block,
-        lambda: acts.iter_batches(cfg.runtime.batch_size, cfg.runtime.device),
-        kwargs,
-        cfg.solver,
-        sparsity,
-        prefix,
+    rc = cfg.reconstruct
+    count = (rc.samples or cfg.calib.nsamples) if rc.enabled else 0
+    # dense-block targets on the calibration windows come from the Hessians' pass, run to the block's end
+    fused = (
+        rc.enabled
+        and rc.target == "dense-block"
+        and run.teacher_dir is None
+        and count <= cfg.calib.nsamples
+        and not is_complete(run.target(i))
     )
+    targets = _targets(cfg, run, i, block, kwargs) if rc.enabled and not fused else None
+    prefix = f"{skeleton(run.model_dir, cfg.trust_remote_code).block_prefix(i)}"
+    with ShardWriter(run.target(i), dtype, acts.sample_shape, SAMPLES_PER_SHARD) if fused else nullcontext() as writer:
+        stats = prune_block(
+            block,
+            lambda: acts.iter_batches(cfg.runtime.batch_size, cfg.runtime.device, stop=cfg.calib.nsamples),
+            kwargs,
+            cfg.solver,
+            sparsity,
+            prefix,
+            dense_outputs=(lambda y: writer.add(y.to("cpu"))) if fused else None,
+        )
+    targets = run.target(i) if fused else targets
     stored = stored_dtypes(run.model_dir, i, cfg.trust_remote_code)
-    round_to_stored(block, stored)  # the next block's inputs are what the saved (checkpoint-dtype) block gives
-    _forward_to_shards(cfg, block, run.acts(i), run.acts(i + 1), kwargs)
+
+    def forward_next(b: torch.nn.Module, wanted: ShardSet | None = None) -> float | None:
+        round_to_stored(b, stored)  # the next block's inputs are what the saved (checkpoint-dtype) block gives
+        measure = {} if wanted is None else {"targets": wanted, "count": count}
+        return _forward_to_shards(cfg, b, run.acts(i), run.acts(i + 1), kwargs, **measure)
+
+    recon = None
+    if targets is None:
+        forward_next(block)
+    else:
+        wanted = read_shards(targets)
+        recon = reconstruct_block(
+            block, acts, wanted, kwargs, rc, seed=_seed(cfg, i), evaluate=lambda b: forward_next(b, wanted)
+        )
+        if recon.kept_solved:
+            log.warning(
+                "block %d: reconstruction %s (normalised MSE %.4g solved, %.4g trained); it keeps its solved weights",
+                i,
+                "diverged" if math.isnan(recon.trained) else "did not lower the loss",
+                recon.before,
+                recon.trained,
+            )
+            forward_next(block)
     save_block(run.block_file(i), block.state_dict(), stored, prefix)
     payload = {
         "block": i,
@@ -255,11 +386,20 @@ def prune_one(cfg: PruneConfig, run: Run, i: int, sparsity: float) -> dict:
         "bytes_hashed": bytes_hashed() - h0 + run.block_file(i).stat().st_size,
         "layers": {k: asdict(v) for k, v in stats.items()},
     }
+    if recon is not None:
+        payload["reconstruct"] = asdict(recon)
     record = write_record(run.block_record(i), payload, [run.block_file(i)])
     prune_old(run.root / "acts", "block_*", keep_last=cfg.runtime.keep_acts)
+    prune_old(run.root / "dense", "block_*", keep_last=cfg.runtime.keep_acts)
+    shutil.rmtree(run.root / "recon", ignore_errors=True)
     del block
     release_memory()
     return record
+
+
+def _seed(cfg: PruneConfig, i: int) -> int:
+    """Block i's reconstruction seed (its samples' order): from the calibration seed and the block."""
+    return cfg.calib.seed * 1_000_003 + i
 
 
 def assemble_model(cfg: PruneConfig, run: Run) -> dict:

@@ -61,8 +61,10 @@ class HessianCollector:
     shape and strides, kept alive until the pass ends) share one Hessian.
     """
 
-    def __init__(self, layers: dict[str, nn.Module], diagonal: bool = False):
+    def __init__(self, layers: dict[str, nn.Module], diagonal: bool = False, stop_early: bool = True):
         self.layers = layers
+        self.stop_early = stop_early
+        """Stop each pass at the last layer's input (nothing after it is needed for the Hessians)."""
         self.diagonal_only = diagonal
         """Accumulate only each Hessian's diagonal ((in,) instead of (in, in)): what OWL's scores need."""
         self.order: list[str] = []  # call order seen in the first pass
@@ -87,7 +89,7 @@ class HessianCollector:
                 if self.owner[name] == name:
                     accumulate = accumulate_diagonal if self.diagonal_only else accumulate_hessian
                     self.H[name], self.n[name] = accumulate(self.H.get(name), x, self.n.get(name, 0))
-            if name == self.last:
+            if self.stop_early and name == self.last:
                 raise _StopPass  # nothing after the last layer's input is needed for Hessians
 
         return hook
@@ -125,14 +127,18 @@ def collect_hessians(
     batches: Iterable[torch.Tensor],
     layer_kwargs: Kwargs,
     diagonal: bool = False,
+    outputs: Callable[[torch.Tensor], None] | None = None,
 ) -> HessianCollector:
     """Run the dense block over all calibration batches and return the collected Hessians (or, with
-    `diagonal`, only their diagonals)."""
-    collector = HessianCollector(layers, diagonal)
+    `diagonal`, only their diagonals). With `outputs`, each batch's forward runs to the end and its
+    output goes to `outputs` (the dense block's outputs, at the cost of the rest of the forward)."""
+    collector = HessianCollector(layers, diagonal, stop_early=outputs is None)
     try:
         for x in batches:
             try:
-                run_block(block, x, layer_kwargs)
+                out = run_block(block, x, layer_kwargs)
+                if outputs is not None:
+                    outputs(out)
             except _StopPass:
                 pass
             collector.end_pass()
@@ -184,14 +190,17 @@ def prune_block(
     cfg: SolverConfig,
     sparsity: float,
     prefix: str = "",
+    dense_outputs: Callable[[torch.Tensor], None] | None = None,
 ) -> dict[str, LayerStats]:
     """Prune every linear layer of ``block`` in place; return per-layer stats.
 
     ``batches()`` yields the block's calibration inputs ``(b, seqlen, hidden)`` on the
     block's device. ``sparsity`` is this block's target (uniform or from OWL).
+    ``dense_outputs`` receives the dense block's outputs batch by batch (the Hessians' pass
+    then runs to the end of the block).
     """
     layers = find_layers(block)
-    collector = collect_hessians(block, layers, batches(), layer_kwargs)
+    collector = collect_hessians(block, layers, batches(), layer_kwargs, outputs=dense_outputs)
     stats = {}
     for name, layer in layers.items():
         W = get_weight(layer).detach()  # (out, in)

@@ -53,12 +53,17 @@ def run_pictures(run: RunData) -> dict[str, bytes]:
         blocks, names, sparsity = layer_grid(run.blocks, "sparsity")
         rows = [str(b) for b in blocks]
         out["sparsity-heatmap.png"] = plots.heatmap(sparsity, rows, names, "achieved sparsity", "sparsity", 0.0, 1.0)
+        errors, columns = layer_grid(run.blocks, "rel_error")[2], names
+        recon = [rec.get("reconstruct") for rec in run.blocks]
+        if any(recon):  # one more column: each block's output error after reconstruction
+            errors = [[*row, r["after"] if r else None] for row, r in zip(errors, recon, strict=True)]
+            columns = [*names, "block out, reconstructed"]
+            done = [(b, r) for b, r in zip(blocks, recon, strict=True) if r]
+            out["reconstruction.png"] = plots.reconstruction(
+                [b for b, _ in done], [r["before"] for _, r in done], [r["after"] for _, r in done]
+            )
         out["error-heatmap.png"] = plots.heatmap(
-            layer_grid(run.blocks, "rel_error")[2],
-            rows,
-            names,
-            "relative output error ‖WX − ŴX‖² / ‖WX‖²",
-            "relative error",
+            errors, rows, columns, "relative output error ‖WX − ŴX‖² / ‖WX‖²", "relative error"
         )
         out["block-seconds.png"] = plots.bars(
             rows, [r["seconds"] for r in run.blocks], "pruning time per block", "seconds"

@@ -126,3 +126,18 @@ def rounds(
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=7)
     return _png(fig)
+
+
+def reconstruction(blocks: Sequence[int], before: Sequence[float], after: Sequence[float]) -> bytes:
+    """Block-wise reconstruction: each block's normalised output MSE after its solve and after training."""
+    fig = Figure(figsize=(max(4.5, 0.25 * len(blocks) + 2), 3.4))
+    ax = fig.add_subplot()
+    ax.plot(blocks, before, "s--", color="tab:orange", label="solved")
+    ax.plot(blocks, after, "o-", color="tab:blue", label="reconstructed")
+    ax.set_yscale("log")
+    ax.set_xlabel("block")
+    ax.set_ylabel("‖f(x) − y‖² / ‖y‖²")
+    ax.set_title("block output error before and after reconstruction")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
+    return _png(fig)

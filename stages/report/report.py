@@ -239,9 +239,12 @@ def _layer_parts(run: RunData) -> list[Part]:
         ("h2", "Blocks"),
     ]
     rows = []
+    recon = any("reconstruct" in rec for rec in run.blocks)
     for rec in run.blocks:
         errs = [st["rel_error"] for st in rec["layers"].values()]
         sps = [st["sparsity"] for st in rec["layers"].values()]
+        r = rec.get("reconstruct")
+        trained = [f"{r['before']:.4g}", f"{r['after']:.4g}", "kept solved" if r["kept_solved"] else ""] if r else []
         rows.append(
             [
                 str(rec["block"]),
@@ -249,13 +252,15 @@ def _layer_parts(run: RunData) -> list[Part]:
                 _f(sum(sps) / len(sps)),
                 _f(sum(errs) / len(errs)),
                 _f(max(errs)),
+                *(trained or ["", "", ""] if recon else []),
             ]
         )
-    parts += [
-        ("table", ["block", "seconds", "mean sparsity", "mean rel. error", "max rel. error"], rows),
-        ("img", "block-seconds.png", "seconds per block"),
-        ("h2", "Layers"),
-    ]
+    head = ["block", "seconds", "mean sparsity", "mean rel. error", "max rel. error"]
+    head += ["block error solved", "reconstructed", ""] if recon else []
+    parts += [("table", head, rows), ("img", "block-seconds.png", "seconds per block")]
+    if recon:
+        parts.append(("img", "reconstruction.png", "block output error before and after reconstruction"))
+    parts.append(("h2", "Layers"))
     rows = [
         [
             str(rec["block"]),

@@ -253,16 +253,20 @@ class ShardSet:
         for shard in self._shards:
             yield from shard
 
-    def iter_batches(self, batch_size: int, device: torch.device | str | None = None) -> Iterator[torch.Tensor]:
-        """Yield (b, *sample_shape) batches in order; the last one may be smaller.
+    def iter_batches(
+        self, batch_size: int, device: torch.device | str | None = None, stop: int | None = None
+    ) -> Iterator[torch.Tensor]:
+        """Yield (b, *sample_shape) batches in order, of the first `stop` samples (all by default); the
+        last one may be smaller.
 
         A batch inside one shard is a zero-copy view; one spanning shards is a copy.
         With a `device`, each batch is copied there.
         """
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        for lo in range(0, self._n, batch_size):
-            batch = self._rows(lo, min(lo + batch_size, self._n))
+        n = self._n if stop is None else min(stop, self._n)
+        for lo in range(0, n, batch_size):
+            batch = self._rows(lo, min(lo + batch_size, n))
             yield batch if device is None else batch.to(device)
 
     def _rows(self, lo: int, hi: int) -> torch.Tensor:

@@ -253,3 +253,34 @@ def test_keep_pruned_from_older_run_directories():
     assert PruneConfig.upgrade(old) != PruneConfig.of(keep_pruned=True).identity()
     with pytest.raises(ValueError, match="keep_pruned"):
         PruneConfig.of(keep_pruned=True, method="wanda")
+
+
+def test_recovery_reconstruct_trains_every_block_toward_the_dense_model_without_finetuning(tiny_llama_dir, tmp_path):
+    cfg = tiny_progressive(
+        tiny_llama_dir, tmp_path / "p", schedule="0.5,0.7", recovery="reconstruct", reconstruct_lr=1e-3
+    )
+    run_progressive(cfg)
+    for k in (1, 2):
+        prune = RoundPaths(cfg.round_dir(k)).prune
+        stored = json.loads((prune / "run.json").read_text())["config"]["reconstruct"]
+        assert stored["enabled"] and stored["teacher"] == str(tiny_llama_dir)
+        assert not (cfg.round_dir(k) / "finetune").exists() and not (prune / "dense").exists()
+    summary = json.loads((tmp_path / "p" / "summary.json").read_text())["rounds"]
+    assert [r["tokens"] for r in summary] == [0, 0]
+    assert Path(summary[1]["model"]) == cfg.round_dir(2) / "prune" / "model"
+    one, two = read_mask(RoundPaths(cfg.round_dir(1)).mask), read_mask(RoundPaths(cfg.round_dir(2)).mask)
+    assert all(not (one[name] & ~two[name]).any() for name in one)  # the mask only grew through training
+
+
+def test_recovery_distill_that_cannot_fit_is_refused_before_any_work(tiny_llama_dir, tmp_path, monkeypatch, capsys):
+    import stages.progressive.check as check
+    from flows.cli import main
+
+    monkeypatch.setattr(check, "device_bytes", lambda device: 1024)
+    args = ["progressive", str(tiny_llama_dir), "--run-dir", str(tmp_path / "p"), "--seqlen", "32"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: --recovery distill distils the whole model: ")
+    assert err.rstrip().endswith("use --recovery reconstruct (one block in memory)")
+    assert not (tmp_path / "p").exists()
+    check.check(tiny_progressive(tiny_llama_dir, tmp_path / "r", recovery="reconstruct"))  # one block: no such limit

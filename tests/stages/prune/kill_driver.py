@@ -8,7 +8,8 @@ CONFIG_JSON is a `PruneConfig` as JSON. KILLPOINT is one of
 - `after:REL`: SIGKILL right after the atomic write of `RUN_DIR/REL` is renamed into place;
 - `before:REL`: SIGKILL after `RUN_DIR/REL` is written to its temporary name, before the rename;
 - `assemble`: SIGKILL inside `stages.model.assemble` while its first weight file is half written;
-- `hold:I`: when block I starts pruning, create `RUN_DIR/.holding` and sleep (for lock tests).
+- `hold:I`: when block I starts pruning, create `RUN_DIR/.holding` and sleep (for lock tests);
+- `train:I:S`: SIGKILL inside block I's reconstruction (`--reconstruct`), after its S-th optimizer step.
 
 The kill is a real `os.kill(os.getpid(), SIGKILL)`: no cleanup handler, `finally` or
 flush runs. Activation shards hold `SAMPLES_PER_SHARD = 2` samples in every mode, so a
@@ -71,7 +72,7 @@ def install_tracing() -> None:
     oneshot.capture_inputs = traced("capture_inputs", oneshot.capture_inputs, lambda *a, **k: "capture")
     oneshot.prune_block = traced("prune_block", oneshot.prune_block, lambda *a, **k: f"prune {block_index(a, k)}")
     oneshot._forward_to_shards = traced(
-        "_forward_to_shards", oneshot._forward_to_shards, lambda cfg, block, src, dst, kw: f"forward {Path(dst).name}"
+        "_forward_to_shards", oneshot._forward_to_shards, lambda *a, **k: f"forward {Path(a[3]).name}"
     )
     oneshot.assemble = traced("assemble", oneshot.assemble, lambda *a, **k: "assemble")
 
@@ -132,6 +133,30 @@ def install_hold(run_dir: Path, block: int) -> None:
     oneshot.prune_block = prune_block
 
 
+def install_train_kill(block: int, steps: int) -> None:
+    """Kill after the `steps`-th optimizer step of block `block`'s reconstruction (Adam is used nowhere else)."""
+    import torch
+
+    real_step = torch.optim.Adam.step
+    state = {"current": -1, "steps": 0}
+
+    def step(self, *args, **kwargs):
+        out = real_step(self, *args, **kwargs)
+        state["steps"] += 1
+        if state["current"] == block and state["steps"] == steps:
+            die(f"train {block}:{steps}")
+        return out
+
+    real_prune = oneshot.prune_block
+
+    def prune_block(*args, **kwargs):
+        state["current"], state["steps"] = block_index(args, kwargs), 0
+        return real_prune(*args, **kwargs)
+
+    oneshot.prune_block = prune_block
+    torch.optim.Adam.step = step
+
+
 def main(argv: list[str]) -> int:
     global _events
     cfg = PruneConfig.from_dict(json.loads(argv[1]))
@@ -147,6 +172,9 @@ def main(argv: list[str]) -> int:
         install_assemble_kill()
     elif killpoint.startswith("hold:"):
         install_hold(run_dir, int(killpoint.split(":", 1)[1]))
+    elif killpoint.startswith("train:"):
+        _, block, steps = killpoint.split(":")
+        install_train_kill(int(block), int(steps))
     elif killpoint != "none":
         raise SystemExit(f"unknown kill point {killpoint!r}")
     oneshot.run_pipeline(cfg)

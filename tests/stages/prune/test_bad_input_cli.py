@@ -36,6 +36,9 @@ from tests.stages.prune.test_bad_input import tiny_cfg
         ),
         (["--tasks", "boolq,mmlu"], r"unknown task 'mmlu'; choose one of lambada, piqa, arc_easy"),
         (["--limit", "0"], r"task_limit \(--limit\) must be a positive integer, got 0"),
+        (["--reconstruct", "--reconstruct-epochs", "0"], r"reconstruct_epochs must be a positive integer, got 0"),
+        (["--reconstruct-lr=-1e-4"], r"reconstruct_lr must be a positive learning rate \(e\.g\. 1e-4\), got -"),
+        (["--reconstruct", "--wbits", "4"], r"--reconstruct trains the weights off --wbits' quantization grid"),
     ],
     ids=[
         "sparsity-1",
@@ -49,6 +52,9 @@ from tests.stages.prune.test_bad_input import tiny_cfg
         "missing-task-file",
         "unknown-task",
         "limit-0",
+        "reconstruct-epochs-0",
+        "reconstruct-lr-negative",
+        "reconstruct-wbits",
     ],
 )
 def test_cli_rejects_bad_options_in_one_line(tiny_llama_dir, tmp_path, capsys, options, expected) -> None:

@@ -219,3 +219,46 @@ def test_second_process_is_locked_out(tiny_llama_dir: Path, tmp_path: Path) -> N
     assert proc.returncode == -signal.SIGKILL
     with RunLock(cfg.run_dir):  # the kernel dropped the killed holder's lock
         pass
+
+
+@pytest.mark.parametrize("target", ["dense-stream", "dense-block"])
+def test_kill_inside_reconstruction_resumes_that_block_identically(
+    tiny_llama_dir: Path, tmp_path: Path, target: str
+) -> None:
+    """SIGKILL after block 1's third training step: its targets are on disk, its record is not. The next run
+    redoes block 1 from its start (solve and training, reusing the complete targets) and ends with the
+    weights of an uninterrupted run."""
+
+    def cfg(run_dir: Path) -> PruneConfig:
+        return tiny_prune(
+            tiny_llama_dir,
+            run_dir,
+            batch_size=2,
+            reconstruct=True,
+            reconstruct_target=target,
+            reconstruct_epochs=2,
+            reconstruct_batch_size=2,
+        )
+
+    reference = start(cfg(tmp_path / "reference"), "none")
+    root = tmp_path / "run"
+    first = tmp_path / "events-1.txt"
+    code, out = finish(start(cfg(root), "train:1:3", first))
+    assert code == -signal.SIGKILL, out
+    assert first.read_text().splitlines()[-1] == "kill train 1:3"
+    assert (root / "blocks" / "block_000.json").is_file() and not (root / "blocks" / "block_001.json").exists()
+    targets = root / ("dense/block_002" if target == "dense-stream" else "recon/target_001")
+    assert (targets / "manifest.json").is_file()
+    second = tmp_path / "events-2.txt"
+    code, out = finish(start(cfg(root), "none", second))
+    assert code == 0, out
+    events = second.read_text().splitlines()
+    # block 1's complete targets were reused: nothing is forwarded before its solve
+    assert events[0] == "prune 1" and "prune 0" not in events
+    code, out = finish(reference)
+    assert code == 0, out
+    ours, ref = model_tensors(root / "model"), model_tensors(tmp_path / "reference" / "model")
+    assert ours.keys() == ref.keys()
+    for k in ref:
+        assert torch.equal(ours[k], ref[k]), k
+    assert leftovers(root) == []
