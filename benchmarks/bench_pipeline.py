@@ -12,7 +12,7 @@
 
     python benchmarks/bench_pipeline.py                       # both parts, defaults of the issue
     python benchmarks/bench_pipeline.py --part quality --eval-windows 40 [--setting 50%]
-    python benchmarks/bench_pipeline.py --part depth
+    python benchmarks/bench_pipeline.py --part depth [--depth-args "--reconstruct"]
     python benchmarks/bench_pipeline.py --part dtype [--eval-windows 40]
 
 Needs ../shared/data/wikitext2 (or --wikitext DIR) for part 1.
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import shutil
 import subprocess
 import sys
@@ -175,6 +176,7 @@ def depth(args: argparse.Namespace, work: Path) -> None:
             "--seqlen",
             "256",
             "--no-progress",
+            *shlex.split(args.depth_args),
         ]
         wall, rss, _ = timed_process(cmd, work / f"depth-{n}.log")
         peaks[n] = rss
@@ -195,6 +197,7 @@ def main() -> None:
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--eval-windows", type=int, default=40)
     p.add_argument("--depth-nsamples", type=int, default=8)
+    p.add_argument("--depth-args", default="", help='part 2: more prune options, e.g. "--reconstruct"')
     p.add_argument("--setting", choices=("50%", "2:4", "both"), default="both", help="part 1: which pruning settings")
     p.add_argument("--keep", action="store_true", help="keep the work folder (logs, run dirs)")
     args = p.parse_args()

@@ -15,12 +15,18 @@ benchmark continues where it stopped; delete runs/bench-* to measure from scratc
 
     python benchmarks/bench_progressive.py                                  # the issue's setting
     python benchmarks/bench_progressive.py --tokens-per-round 65536 --schedule 0.5,0.6,0.7,0.8,0.9 --device cuda
+    python benchmarks/bench_progressive.py --recovery reconstruct --schedule 0.5,0.6,0.7,0.8,0.9
+
+It also prints the progressive call's peak resident memory per parameter of the model (whole-model
+distillation holds the student, its gradients, Adam's moments and the teacher; `--recovery reconstruct`
+one block).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import subprocess
 import sys
 import time
@@ -31,13 +37,35 @@ DATA = ROOT.parent / "shared" / "data"
 
 
 def run(cmd: list[str], log: Path) -> float:
-    """Run a CLI command (output to ``log``); return its wall time."""
+    """Run a CLI command (output to ``log``, its peak RSS to ``log``.rss under GNU time); return its wall time."""
     t0 = time.perf_counter()
     with open(log, "w") as f:
-        proc = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
+        timed = ["/usr/bin/time", "-f", "%M", "-o", str(log.with_suffix(".rss")), *cmd]
+        proc = subprocess.run(timed, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
     if proc.returncode != 0:
         sys.exit(f"command failed ({proc.returncode}), see {log}: {' '.join(cmd)}")
     return time.perf_counter() - t0
+
+
+def peak_rss(log: Path) -> int:
+    """Peak resident memory in bytes of the command that wrote ``log``."""
+    return int(log.with_suffix(".rss").read_text().split()[-1]) * 1024
+
+
+def parameters(model: str) -> int:
+    """Parameter count of a checkpoint, from its safetensors headers."""
+    sys.path.insert(0, str(ROOT))
+    from stages.model.checkpoint import SafetensorsIndex, resolve_model, safetensors_header
+
+    folder = resolve_model(model)
+    count = 0
+    for file in SafetensorsIndex.open(folder).files():
+        for entry in safetensors_header(folder / file).values():
+            n = 1
+            for d in entry["shape"]:
+                n *= d
+            count += n
+    return count
 
 
 def main() -> None:
@@ -56,6 +84,8 @@ def main() -> None:
     p.add_argument("--wikitext", type=Path, default=DATA / "wikitext2")
     p.add_argument("--c4", type=Path, default=DATA / "c4" / "c4_validation_2k.jsonl")
     p.add_argument("--prefix", default="runs/bench", help="run directories are PREFIX-progressive, PREFIX-oneshot-S")
+    p.add_argument("--recovery", choices=("distill", "reconstruct", "both"), default="distill")
+    p.add_argument("--progressive-args", default="", help='more progressive options, e.g. "--gradient-checkpointing"')
     args = p.parse_args()
 
     cli = [sys.executable, "-m", "flows.cli"]
@@ -89,7 +119,8 @@ def main() -> None:
         flush=True,
     )
 
-    prog_dir = ROOT / f"{args.prefix}-progressive"
+    suffix = "" if args.recovery == "distill" else f"-{args.recovery}"
+    prog_dir = ROOT / f"{args.prefix}-progressive{suffix}"
     wall = run(
         [
             *cli,
@@ -114,12 +145,21 @@ def main() -> None:
             str(args.warmup_steps),
             "--squarehead-weight",
             str(args.squarehead_weight),
+            "--recovery",
+            args.recovery,
+            *shlex.split(args.progressive_args),
             *evals,
         ],
-        logs / "progressive.log",
+        logs / f"progressive{suffix}.log",
     )
     summary = json.loads((prog_dir / "summary.json").read_text())
     print(f"progressive run: {wall:.0f} s in this call (a resumed run counts only what it redid)", flush=True)
+    rss, params = peak_rss(logs / f"progressive{suffix}.log"), parameters("smollm2-135m")
+    print(
+        f"peak RSS of this call: {rss / 2**30:.2f} GiB = {rss / params:.1f} bytes per parameter "
+        f"({params / 1e6:.1f}M parameters; --recovery {args.recovery})",
+        flush=True,
+    )
 
     oneshot, oneshot_wall = {}, 0.0
     for row in summary["rounds"]:

@@ -167,6 +167,9 @@ class FinetuneRuntime(RuntimeConfig):
     """Fine-tuning checkpoint interval in optimizer steps; 0 writes none before the end."""
     keep_checkpoints: int = 2
     """How many of the newest fine-tuning checkpoints to keep."""
+    gradient_checkpointing: bool = False
+    """Recompute each block's activations in the backward pass instead of keeping them: activation memory of
+    one block instead of all, about a third more compute, the same result."""
 
     def __post_init__(self) -> None:
         super().__post_init__()

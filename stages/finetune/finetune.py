@@ -203,6 +203,11 @@ def finetune(
     check_autocast(cfg, runtime.device)
     student = load_model(student_dir, runtime.device, trust_remote_code=trust_remote_code)
     _check_seqlen(student, cfg)
+    if runtime.gradient_checkpointing:  # transformers renamed it activation checkpointing in 5.2x
+        if hasattr(student, "activation_checkpointing_enable"):
+            student.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     masks = derive_masks(student) if masks is None else masks
     _pin_identity(out_dir, _identity(student_dir, teacher_dir, cfg, masks_digest(masks)))
     done = verify_record(out_dir / RESULT_JSON, quick=True)

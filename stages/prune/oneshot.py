@@ -366,8 +366,16 @@ def prune_one(cfg: PruneConfig, run: Run, i: int, sparsity: float) -> dict:
         forward_next(block)
     else:
         wanted = read_shards(targets)
+        round_to_stored(block, stored)  # training starts from the solved block as it would be saved
         recon = reconstruct_block(
-            block, acts, wanted, kwargs, rc, seed=_seed(cfg, i), evaluate=lambda b: forward_next(b, wanted)
+            block,
+            acts,
+            wanted,
+            kwargs,
+            rc,
+            seed=_seed(cfg, i),
+            evaluate=lambda b: forward_next(b, wanted),
+            solved_dtypes=stored,
         )
         if recon.kept_solved:
             log.warning(

@@ -9,15 +9,16 @@ floating parameter of the block (linear weights and biases, norms) with a linear
 rate. The pruned weights have zero gradient and are set to zero again after each step, so they are
 exactly zero throughout. The loss is the normalised MSE ``‖f(x) − y‖² / ‖y‖²``. When training does not
 lower it on the samples (or it turns NaN), the block keeps its solved weights and the stats say so.
-Memory: the block in float32 with its gradients and Adam's two moments (16 bytes a parameter) plus one
-batch's activations. Pure tensors and modules: no files here.
+Memory: the block in float32 with its gradients and Adam's two moments (16 bytes a parameter), a copy of
+the solved weights (in the checkpoint's dtype when the caller says so) and one batch's activations.
+Pure tensors and modules: no files here.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -84,6 +85,7 @@ def reconstruct_block(
     cfg: ReconstructConfig,
     seed: int,
     evaluate: Callable[[nn.Module], float] | None = None,
+    solved_dtypes: Mapping[str, torch.dtype] | None = None,
 ) -> ReconstructStats:
     """Train ``block`` in place (see the module doc); its dtype is unchanged on return.
 
@@ -91,11 +93,14 @@ def reconstruct_block(
     ``cfg.samples`` (all by default) are used, in an order drawn from ``seed`` each epoch. ``evaluate``
     gives the trained block's normalised MSE on them (default: a pass of `normalised_mse`); a caller that
     runs the block over the samples anyway measures it in that pass. When the stats say `kept_solved`,
-    the block holds its solved weights again, whatever ``evaluate`` did to it.
+    the block holds its solved weights again, whatever ``evaluate`` did to it. The solved weights are kept
+    aside in ``solved_dtypes`` (state-dict name -> dtype; e.g. a bf16 checkpoint's, when the block already
+    holds weights rounded through them: half the memory of a float32 copy, restored exactly).
     """
     t0 = time.perf_counter()
     count = min(len(inputs), len(targets), cfg.samples or len(inputs))
-    solved = {k: v.detach().clone() for k, v in block.state_dict().items()}
+    keep = solved_dtypes or {}
+    solved = {k: v.detach().to(keep.get(k, v.dtype), copy=True) for k, v in block.state_dict().items()}
     before = normalised_mse(block, inputs, targets, kwargs, cfg.batch_size, count)
     dtype = next(block.parameters()).dtype
     block.float()  # float32 weights, gradients and Adam moments whatever the compute dtype
@@ -106,7 +111,7 @@ def reconstruct_block(
     flags = [p.requires_grad for p in params]
     for p in params:
         p.requires_grad_(True)
-    optimizer = torch.optim.Adam(params, lr=cfg.lr)
+    optimizer = torch.optim.Adam(params, lr=cfg.lr, foreach=False)  # no full-size temporaries of every moment
     total = cfg.epochs * math.ceil(count / cfg.batch_size)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - step / total)
     generator = torch.Generator().manual_seed(seed)

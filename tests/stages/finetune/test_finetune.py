@@ -274,3 +274,25 @@ def test_bad_inputs_raise_with_the_fix(tiny_llama_dir: Path, corpus: str, tmp_pa
         )
     with pytest.raises(ValueError, match="checkpoint_every must be >= 0"):
         FinetuneRuntime(checkpoint_every=-1)
+
+
+def test_gradient_checkpointing_gives_the_same_weights(
+    pruned_dir: Path, tiny_llama_dir: Path, corpus: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Recomputing the blocks' activations in the backward pass changes memory, not the result."""
+    cfg = make_cfg(corpus, steps=3, squarehead=0.5)
+    enabled: list[bool] = []
+    real = ft.train_step
+
+    def step(tr):  # noqa: ANN001, ANN202
+        enabled.append(any(getattr(m, "gradient_checkpointing", False) for m in tr.student.modules()))
+        return real(tr)
+
+    monkeypatch.setattr(ft, "train_step", step)
+    plain = finetune(pruned_dir, tiny_llama_dir, tmp_path / "a", cfg)
+    saving = finetune(pruned_dir, tiny_llama_dir, tmp_path / "b", cfg, FinetuneRuntime(gradient_checkpointing=True))
+    assert enabled == [False] * 3 + [True] * 3
+    a = load_file(tmp_path / "a" / "model" / "model.safetensors")
+    b = load_file(tmp_path / "b" / "model" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-7) for k in a)
+    assert [e["total"] for e in saving["losses"]] == pytest.approx([e["total"] for e in plain["losses"]], rel=1e-5)
