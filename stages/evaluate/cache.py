@@ -22,7 +22,8 @@ from typing import Any
 
 from stages.data.specs import parse_spec
 from stages.data.tasks import parse_task_specs
-from stages.model.checkpoint import cache_root, checkpoint_digest
+from stages.model.checkpoint import checkpoint_digest
+from stages.model.embedded import cache_root
 
 
 def _file_stamp(path: Path | None) -> list[int] | None:

