@@ -55,17 +55,9 @@ def peak_rss(log: Path) -> int:
 def parameters(model: str) -> int:
     """Parameter count of a checkpoint, from its safetensors headers."""
     sys.path.insert(0, str(ROOT))
-    from stages.model.checkpoint import SafetensorsIndex, resolve_model, safetensors_header
+    from stages.model.checkpoint import parameter_count, resolve_model
 
-    folder = resolve_model(model)
-    count = 0
-    for file in SafetensorsIndex.open(folder).files():
-        for entry in safetensors_header(folder / file).values():
-            n = 1
-            for d in entry["shape"]:
-                n *= d
-            count += n
-    return count
+    return parameter_count(resolve_model(model))
 
 
 def main() -> None:

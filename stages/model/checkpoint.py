@@ -324,6 +324,18 @@ def safetensors_header(path: str | os.PathLike) -> dict[str, Any]:
     return header
 
 
+def parameter_count(model_dir: str | os.PathLike) -> int:
+    """How many values a checkpoint's safetensors files hold, from their headers (nothing loaded)."""
+    root, count = Path(model_dir), 0
+    for file in SafetensorsIndex.open(root).files():
+        for entry in safetensors_header(root / file).values():
+            n = 1
+            for dim in entry["shape"]:
+                n *= int(dim)
+            count += n
+    return count
+
+
 def checkpoint_digest(model_dir: str | os.PathLike, pieces: int = 16, piece_bytes: int = 1 << 16) -> str:
     """A short digest of a checkpoint's weights that costs no full read: every safetensors file's name,
     size and header (tensor names, dtypes, shapes, offsets), and `pieces` evenly spaced pieces of its data

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from stages.model.checkpoint import SafetensorsIndex, check_model, safetensors_header
+from stages.model.checkpoint import check_model, parameter_count
 from stages.progressive.config import ProgressiveConfig
 from stages.prune.check import check_nm_fits, check_nm_hidden
 from stages.run.identity import check_run
@@ -55,14 +55,7 @@ def device_bytes(device: str) -> int | None:
 def check_distill_fits(cfg: ProgressiveConfig, model_dir: Path) -> None:
     """Refuse `--recovery distill|both` when the model's parameters alone, at `DISTILL_BYTES_PER_PARAMETER`,
     exceed the device's memory (counted from the safetensors headers, nothing loaded)."""
-    index = SafetensorsIndex.open(model_dir)
-    params = 0
-    for file in index.files():
-        for entry in safetensors_header(model_dir / file).values():
-            count = 1
-            for dim in entry["shape"]:
-                count *= int(dim)
-            params += count
+    params = parameter_count(model_dir)
     need, have = params * DISTILL_BYTES_PER_PARAMETER, device_bytes(cfg.runtime.device)
     if have is not None and need > have:
         raise ValueError(
