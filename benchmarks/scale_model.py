@@ -13,7 +13,7 @@ precision = 2 on a GPU, stages.model.models.compute_dtype):
 
 | quantity            | model                                          | where in the code                              |
 |---------------------|------------------------------------------------|------------------------------------------------|
-| forward FLOPs       | 2 passes x (2 P T + 4 T L a)                   | collect_hessians runs the dense block (stops at the last linear's input), then _forward_to_shards the pruned one |
+| forward FLOPs       | 2 passes x (2 P T + 4 T L a)                   | collect_hessians runs the dense block (stops at the last linear's input), then forward_to_shards the pruned one |
 | Hessian FLOPs, fp32 | sum_g 2 T c_g^2                                | HessianCollector: accumulate_hessian once per distinct input |
 | inverse FLOPs, fp32 | sum_i 4/3 c_i^3 at the factorization rate      | hessian_inverse per linear (cholesky, cholesky_inverse, cholesky; a shared H is inverted again) |
 | lazy updates, fp32  | sum_i r_i c_i^2                                | sparsegpt_prune: W[:, i2:] -= Err1 Hinv[i1:i2, i2:] after each block of 128 columns |

@@ -27,7 +27,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from stages.config import PruneConfig
 from stages.progressive.config import ProgressiveConfig
-from stages.prune.oneshot import Run
+from stages.prune.streams import Run
 from stages.report.report import write_report
 
 

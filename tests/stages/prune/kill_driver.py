@@ -34,6 +34,7 @@ import stages.data.calibration  # noqa: E402
 import stages.model.assemble  # noqa: E402
 import stages.model.blocks  # noqa: E402
 import stages.prune.oneshot as oneshot  # noqa: E402
+import stages.prune.streams as streams  # noqa: E402
 import stages.run.rundir  # noqa: E402
 import stages.run.shards  # noqa: E402
 from stages.config import PruneConfig  # noqa: E402
@@ -69,11 +70,10 @@ def traced(name: str, fn, label):
 
 def install_tracing() -> None:
     oneshot.sample_calibration = traced("sample_calibration", oneshot.sample_calibration, lambda *a, **k: "calibrate")
-    oneshot.capture_inputs = traced("capture_inputs", oneshot.capture_inputs, lambda *a, **k: "capture")
+    streams.capture_inputs = traced("capture_inputs", streams.capture_inputs, lambda *a, **k: "capture")
     oneshot.prune_block = traced("prune_block", oneshot.prune_block, lambda *a, **k: f"prune {block_index(a, k)}")
-    oneshot._forward_to_shards = traced(
-        "_forward_to_shards", oneshot._forward_to_shards, lambda *a, **k: f"forward {Path(a[3]).name}"
-    )
+    forward = traced("forward_to_shards", streams.forward_to_shards, lambda *a, **k: f"forward {Path(a[3]).name}")
+    streams.forward_to_shards = forward
     oneshot.assemble = traced("assemble", oneshot.assemble, lambda *a, **k: "assemble")
 
 
@@ -163,7 +163,7 @@ def main(argv: list[str]) -> int:
     killpoint = argv[2]
     _events = Path(argv[3]) if len(argv) > 3 else None
     run_dir = Path(cfg.run_dir)
-    oneshot.SAMPLES_PER_SHARD = SAMPLES_PER_SHARD
+    streams.SAMPLES_PER_SHARD = SAMPLES_PER_SHARD
     install_tracing()
     if killpoint.startswith(("after:", "before:")):
         when, rel = killpoint.split(":", 1)

@@ -25,6 +25,7 @@ import stages.data.calibration
 import stages.model.assemble
 import stages.model.blocks
 import stages.prune.oneshot
+import stages.prune.streams
 from sparsegpt import HessianError
 from stages.config import PruneConfig
 from stages.model.checkpoint import resolve_model
@@ -191,7 +192,7 @@ def test_a_checkpoint_replaced_under_a_run_is_refused(tiny_llama_dir, tmp_path) 
 
 
 def test_disk_full_mid_run_then_resume_gives_identical_weights(tiny_llama_dir, tmp_path, monkeypatch) -> None:
-    monkeypatch.setattr(stages.prune.oneshot, "SAMPLES_PER_SHARD", 2)
+    monkeypatch.setattr(stages.prune.streams, "SAMPLES_PER_SHARD", 2)
     reference = model_tensors(run_pipeline(tiny_cfg(tiny_llama_dir, tmp_path / "reference")).model)
     cfg = tiny_cfg(tiny_llama_dir, tmp_path / "run")
     run_dir = Path(cfg.run_dir)

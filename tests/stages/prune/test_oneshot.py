@@ -120,7 +120,7 @@ def test_missing_activations_are_rebuilt_identically(tiny_llama_dir, tmp_path):
 
 def test_rebuilt_activations_keep_disk_to_keep_acts_boundaries(tiny_llama_dir, tmp_path, monkeypatch):
     """Rebuilding boundaries through several blocks deletes the walked ones as it goes."""
-    import stages.prune.oneshot as oneshot
+    import stages.prune.streams as streams
 
     cfg = tiny_cfg(tiny_llama_dir, tmp_path / "run")
     run = run_pipeline(cfg)
@@ -128,13 +128,13 @@ def test_rebuilt_activations_keep_disk_to_keep_acts_boundaries(tiny_llama_dir, t
     (run.root / "model.json").unlink()
     for b in ("block_002", "block_003"):
         shutil.rmtree(run.root / "acts" / b)  # block 2 must be redone from recaptured inputs: 0 -> 1 -> 2
-    on_disk, real = [], oneshot._forward_to_shards
+    on_disk, real = [], streams.forward_to_shards
 
     def spy(cfg, block, src, dst, kwargs):
         on_disk.append(sorted(p.name for p in (run.root / "acts").iterdir() if p.is_dir()))
         return real(cfg, block, src, dst, kwargs)
 
-    monkeypatch.setattr(oneshot, "_forward_to_shards", spy)
+    monkeypatch.setattr(streams, "forward_to_shards", spy)
     run_pipeline(cfg)
     assert on_disk == [["block_000"], ["block_000", "block_001"], ["block_001", "block_002"]]
 
