@@ -4,14 +4,15 @@
    2:4 with this project's CLI and with `baseline_authors.py` (whole model and all
    activations in memory, one Hessian per layer, the paper's column loop), same
    calibration and evaluation windows. Prints perplexities, wall time of each whole
-   process, its stages, and peak resident memory (GNU time's max RSS).
+   process (and without its evaluations), its stages, and peak resident memory (GNU
+   time's max RSS); `--modes default,sequential` adds `--sequential` runs side by side.
 2. Memory vs depth: random-init Llama configs of 8 and 32 blocks (hidden 1024),
    pruned by the CLI without evaluation; prints each process's peak RSS.
 3. Compute dtype: SparseGPT 50% with `--dtype float32` and `--dtype bfloat16` on the CPU,
    same data; prints both pruned perplexities and their ratio (the target: within 3%).
 
     python benchmarks/bench_pipeline.py                       # both parts, defaults of the issue
-    python benchmarks/bench_pipeline.py --part quality --eval-windows 40 [--setting 50%]
+    python benchmarks/bench_pipeline.py --part quality --eval-windows 40 [--setting 50%] [--modes default,sequential]
     python benchmarks/bench_pipeline.py --part depth [--depth-args "--reconstruct"]
     python benchmarks/bench_pipeline.py --part dtype [--eval-windows 40]
 
@@ -66,33 +67,7 @@ def quality(args: argparse.Namespace, work: Path) -> None:
     model_dir = resolve_model("smollm2-135m")
     settings = (("50%", ["--sparsity", "0.5"]), ("2:4", ["--nm", "2:4"]))
     for label, opt in (s for s in settings if args.setting in ("both", s[0])):
-        run_dir = work / f"run-{label.replace(':', '-').replace('%', '')}"
-        cmd = [
-            sys.executable,
-            "-m",
-            "flows.cli",
-            "prune",
-            "smollm2-135m",
-            "--run-dir",
-            str(run_dir),
-            "--calib",
-            calib,
-            "--eval",
-            evals,
-            "--no-progress",
-            *common,
-            *windows,
-            *opt,
-        ]
-        wall, rss, _ = timed_process(cmd, work / f"ours-{label[:2]}.log")
-        m = json.loads((run_dir / "eval" / "metrics.json").read_text())
-        w = m["wikitext2"]
-        stages = " ".join(f"{k} {v:.0f}" for k, v in m["timings"].items())
-        print(
-            f"{label:<8} {'ours':<10} {w['dense_ppl']:7.2f} {w['ppl']:8.2f} {AUTHORS[label]:8.2f} "
-            f"{wall:8.1f} {rss:9.0f}  "
-            f"{stages} eval {w['seconds'] + w['dense_seconds']:.0f}"
-        )
+        ours = {mode: _ours(args, work, label, opt, mode, calib, evals, common + windows) for mode in args.modes}
         base_opt = ["--nm", "2:4"] if label == "2:4" else ["--sparsity", "0.5"]
         cmd = [
             sys.executable,
@@ -114,10 +89,34 @@ def quality(args: argparse.Namespace, work: Path) -> None:
             f"{label:<8} {'yardstick':<10} {b['dense_ppl']:7.2f} {b['ppl']:8.2f} {AUTHORS[label]:8.2f} {bwall:8.1f} "
             f"{brss:9.0f}  {stages}"
         )
-        print(
-            f"{label:<8} ratio ours/yardstick: wall {wall / bwall:.2f}, peak memory {rss / brss:.2f}, "
-            f"pruned ppl vs authors {100 * (w['ppl'] / AUTHORS[label] - 1):+.2f}%"
-        )
+        bprune = bwall - b["seconds"]["dense_eval"] - b["seconds"]["pruned_eval"]
+        for mode, (wall, rss, ppl, no_eval) in ours.items():
+            print(
+                f"{label:<8} {mode} / yardstick: wall {wall / bwall:.2f}, without evaluation {no_eval / bprune:.2f} "
+                f"({no_eval:.0f} s vs {bprune:.0f} s), peak memory {rss / brss:.2f}, pruned ppl "
+                f"{ppl / b['ppl']:.4f}x the yardstick's (authors' figure {100 * (ppl / AUTHORS[label] - 1):+.2f}%)"
+            )
+
+
+def _ours(
+    args: argparse.Namespace, work: Path, label: str, opt: list[str], mode: str, calib: str, evals: str, common: list
+) -> tuple[float, float, float, float]:
+    """One `sparsegpt prune` of the quality part; prints its line, returns (wall, peak MiB, pruned ppl,
+    wall without its two evaluations)."""
+    run_dir = work / f"run-{label.replace(':', '-').replace('%', '')}-{mode}"
+    cmd = [sys.executable, "-m", "flows.cli", "prune", "smollm2-135m", "--run-dir", str(run_dir)]
+    cmd += ["--calib", calib, "--eval", evals, "--no-progress", *common, *opt]
+    cmd += ["--sequential"] if mode == "sequential" else []
+    wall, rss, _ = timed_process(cmd, work / f"ours-{label[:2]}-{mode}.log")
+    m = json.loads((run_dir / "eval" / "metrics.json").read_text())
+    w = m["wikitext2"]
+    stages = " ".join(f"{k} {v:.0f}" for k, v in m["timings"].items())
+    evaluation = w["seconds"] + w["dense_seconds"]
+    print(
+        f"{label:<8} {mode:<10} {w['dense_ppl']:7.2f} {w['ppl']:8.2f} {AUTHORS[label]:8.2f} "
+        f"{wall:8.1f} {rss:9.0f}  {stages} eval {evaluation:.0f}"
+    )
+    return wall, rss, w["ppl"], wall - evaluation
 
 
 def dtype(args: argparse.Namespace, work: Path) -> None:
@@ -199,6 +198,12 @@ def main() -> None:
     p.add_argument("--depth-nsamples", type=int, default=8)
     p.add_argument("--depth-args", default="", help='part 2: more prune options, e.g. "--reconstruct"')
     p.add_argument("--setting", choices=("50%", "2:4", "both"), default="both", help="part 1: which pruning settings")
+    p.add_argument(
+        "--modes",
+        type=lambda v: v.split(","),
+        default=["default"],
+        help="part 1: comma-separated modes of this project's prune, of default and sequential (--sequential)",
+    )
     p.add_argument("--keep", action="store_true", help="keep the work folder (logs, run dirs)")
     args = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-pipeline-"))

@@ -94,6 +94,9 @@ class SolverConfig:
     """OWL's spread lambda (block sparsities span 2 lambda)."""
     owl_threshold: float = 5.0
     """OWL's outlier threshold M (scores above M x mean are outliers)."""
+    sequential: bool = False
+    """Solve a block's layers in forward order, each against its inputs from the pruned layers before it,
+    in one forward pass per block (the default: every layer against the dense block's inputs, two passes)."""
     keep_pruned: bool = False
     """Weights that are exactly zero stay pruned and count toward the target (the mask only grows):
     how a progressive round prunes the previous round's model. sparsegpt only, without OWL."""

@@ -44,6 +44,7 @@ from stages.prune import streams
 from stages.prune.check import check, identity_upgrade, run_identity
 from stages.prune.pruning import block_outlier_ratio, collect_hessians, prune_block
 from stages.prune.reconstruct import reconstruct_block
+from stages.prune.sequential import NotSequential, prune_block_sequential
 from stages.prune.streams import Run, capture, ensure_acts, load_kwargs, reconstruction_targets
 from stages.run.identity import init_run
 from stages.run.memory import release_memory
@@ -131,29 +132,18 @@ def prune_one(cfg: PruneConfig, run: Run, i: int, sparsity: float) -> dict:
     # dense-block targets on the calibration windows come from the Hessians' pass, run to the block's end
     fused = (
         rc.enabled
+        and not cfg.solver.sequential
         and rc.target == "dense-block"
         and run.teacher_dir is None
         and count <= cfg.calib.nsamples
         and not is_complete(run.target(i))
     )
     targets = reconstruction_targets(cfg, run, i, block, kwargs) if rc.enabled and not fused else None
-    prefix = f"{skeleton(run.model_dir, cfg.trust_remote_code).block_prefix(i)}"
-    with (
-        ShardWriter(run.target(i), dtype, acts.sample_shape, streams.SAMPLES_PER_SHARD)
-        if fused
-        else nullcontext() as writer
-    ):
-        stats = prune_block(
-            block,
-            lambda: acts.iter_batches(cfg.runtime.batch_size, cfg.runtime.device, stop=cfg.calib.nsamples),
-            kwargs,
-            cfg.solver,
-            sparsity,
-            prefix,
-            dense_outputs=(lambda y: writer.add(y.to("cpu"))) if fused else None,
-        )
-    targets = run.target(i) if fused else targets
     stored = stored_dtypes(run.model_dir, i, cfg.trust_remote_code)
+    prefix = skeleton(run.model_dir, cfg.trust_remote_code).block_prefix(i)
+    solve = (block, acts, kwargs, sparsity, prefix, stored)
+    block, stats, written = _solve(cfg, run, i, *solve, fused=fused, forward=targets is None)
+    targets = run.target(i) if fused else targets
 
     def forward_next(b: torch.nn.Module, wanted: ShardSet | None = None) -> float | None:
         round_to_stored(b, stored)  # the next block's inputs are what the saved (checkpoint-dtype) block gives
@@ -162,7 +152,8 @@ def prune_one(cfg: PruneConfig, run: Run, i: int, sparsity: float) -> dict:
 
     recon = None
     if targets is None:
-        forward_next(block)
+        if not written:
+            forward_next(block)
     else:
         wanted = read_shards(targets)
         round_to_stored(block, stored)  # training starts from the solved block as it would be saved
@@ -202,6 +193,49 @@ def prune_one(cfg: PruneConfig, run: Run, i: int, sparsity: float) -> dict:
     del block
     release_memory()
     return record
+
+
+def _solve(
+    cfg: PruneConfig,
+    run: Run,
+    i: int,
+    block: torch.nn.Module,
+    acts: ShardSet,
+    kwargs: dict,
+    sparsity: float,
+    prefix: str,
+    stored: dict[str, torch.dtype],
+    fused: bool,
+    forward: bool,
+) -> tuple[torch.nn.Module, dict, bool]:
+    """Prune block i's layers; return the block, its layer stats and whether acts/block_{i+1} was written.
+
+    `--sequential` writes the next boundary from its own pass when ``forward`` asks for it; a block it
+    cannot split is reloaded dense and pruned the default way. ``fused`` writes the dense block's
+    outputs (dense-block targets) from the Hessians' pass.
+    """
+
+    def batches():
+        return acts.iter_batches(cfg.runtime.batch_size, cfg.runtime.device, stop=cfg.calib.nsamples)
+
+    def writer(path: Path) -> ShardWriter:
+        return ShardWriter(path, run.dtype, acts.sample_shape, streams.SAMPLES_PER_SHARD)
+
+    if cfg.solver.sequential:
+        args = (block, batches(), kwargs, cfg.solver, sparsity, prefix, stored)
+        forward = forward and cfg.windows == cfg.calib.nsamples
+        try:
+            if not forward:
+                return block, prune_block_sequential(*args), False
+            with writer(run.acts(i + 1)) as out:
+                return block, prune_block_sequential(*args, outputs=lambda y: out.add(y.to("cpu"))), True
+        except NotSequential as e:
+            log.warning("block %d: %s; it is pruned the default way (two passes)", i, e)
+            block = load_block(run.model_dir, i, cfg.runtime.device, run.dtype, cfg.trust_remote_code)
+    with writer(run.target(i)) if fused else nullcontext() as out:
+        dense_outputs = (lambda y: out.add(y.to("cpu"))) if fused else None
+        stats = prune_block(block, batches, kwargs, cfg.solver, sparsity, prefix, dense_outputs=dense_outputs)
+    return block, stats, False
 
 
 def _seed(cfg: PruneConfig, i: int) -> int:

@@ -203,22 +203,25 @@ def prune_block(
     collector = collect_hessians(block, layers, batches(), layer_kwargs, outputs=dense_outputs)
     stats = {}
     for name, layer in layers.items():
-        W = get_weight(layer).detach()  # (out, in)
-        H = collector.hessian(name)
-        t0 = time.perf_counter()
-        res = solve_layer(W, H, cfg, sparsity, f"{prefix}{name}")
-        seconds = time.perf_counter() - t0
-        err = reconstruction_error(W, res.weight, H)
-        del H
-        collector.release(stats.keys() | {name})  # a Hessian goes once its last layer is solved
-        set_weight(layer, res.weight)
-        stats[name] = LayerStats(
-            sparsity=res.sparsity,
-            target=cfg.target if cfg.prune_nm[1] else sparsity,
-            loss=res.loss,
-            rel_error=err,
-            percdamp=res.percdamp,
-            shape=tuple(W.shape),
-            seconds=seconds,
-        )
+        stats[name] = prune_layer(layer, collector.hessian(name), cfg, sparsity, f"{prefix}{name}")
+        collector.release(stats.keys())  # a Hessian goes once its last layer is solved
     return stats
+
+
+def prune_layer(layer: nn.Module, H: torch.Tensor, cfg: SolverConfig, sparsity: float, name: str) -> LayerStats:
+    """Solve one layer against the Hessian of its inputs and write the pruned weight into it."""
+    W = get_weight(layer).detach()  # (out, in)
+    t0 = time.perf_counter()
+    res = solve_layer(W, H, cfg, sparsity, name)
+    seconds = time.perf_counter() - t0
+    err = reconstruction_error(W, res.weight, H)
+    set_weight(layer, res.weight)
+    return LayerStats(
+        sparsity=res.sparsity,
+        target=cfg.target if cfg.prune_nm[1] else sparsity,
+        loss=res.loss,
+        rel_error=err,
+        percdamp=res.percdamp,
+        shape=tuple(W.shape),
+        seconds=seconds,
+    )

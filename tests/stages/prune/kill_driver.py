@@ -72,6 +72,9 @@ def install_tracing() -> None:
     oneshot.sample_calibration = traced("sample_calibration", oneshot.sample_calibration, lambda *a, **k: "calibrate")
     streams.capture_inputs = traced("capture_inputs", streams.capture_inputs, lambda *a, **k: "capture")
     oneshot.prune_block = traced("prune_block", oneshot.prune_block, lambda *a, **k: f"prune {block_index(a, k)}")
+    oneshot.prune_block_sequential = traced(
+        "prune_block_sequential", oneshot.prune_block_sequential, lambda *a, **k: f"prune {block_index(a, k)}"
+    )
     forward = traced("forward_to_shards", streams.forward_to_shards, lambda *a, **k: f"forward {Path(a[3]).name}")
     streams.forward_to_shards = forward
     oneshot.assemble = traced("assemble", oneshot.assemble, lambda *a, **k: "assemble")

@@ -2,7 +2,9 @@
 
 Whole model in memory, all activations in memory, one Hessian per linear layer,
 block 0's inputs caught with a hook that raises. The tests compare the block-wise,
-disk-backed pipeline against it.
+disk-backed pipeline against it. `sequential=True` is the "true sequential" variant the
+simple way: for each layer in forward order, one more pass over all samples through the
+block as pruned so far, which stops at that layer's input.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ def reference_prune(
     prune_m: int = 0,
     blocksize: int = 128,
     percdamp: float = 0.01,
+    sequential: bool = False,
 ):
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     _, blocks = find_blocks(model)
@@ -50,36 +53,69 @@ def reference_prune(
         if k
         not in ("hidden_states", "past_key_values", "past_key_value", "layer_past", "use_cache", "output_attentions")
     }
+    solve = dict(sparsity=sparsity, prune_n=prune_n, prune_m=prune_m, blocksize=blocksize, percdamp=percdamp)
     for block in blocks:
-        layers = find_layers(block)
-        H = {name: None for name in layers}
-        n = {name: 0 for name in layers}
-
-        def hook(name, H, n):  # this block's sums
-            def f(_m, args):
-                H[name], n[name] = accumulate_hessian(H[name], args[0], n[name])
-
-            return f
-
-        handles = [m.register_forward_pre_hook(hook(name, H, n)) for name, m in layers.items()]
-        for x in inps:
-            block(x, **kwargs)
-        for h in handles:
-            h.remove()
-        for name, layer in layers.items():
-            res = sparsegpt_prune(
-                get_weight(layer).detach(),
-                H[name],
-                sparsity,
-                prune_n=prune_n,
-                prune_m=prune_m,
-                blocksize=blocksize,
-                percdamp=percdamp,
-            )
-            set_weight(layer, res.weight)
+        if sequential:
+            sequential_prune_block(block, inps, kwargs, solve)
+        else:
+            dense_prune_block(block, inps, kwargs, solve)
         outs = []
         for x in inps:
             out = block(x, **kwargs)
             outs.append(out[0] if isinstance(out, tuple) else out)
         inps = outs
     return model
+
+
+def dense_prune_block(block, inps, kwargs, solve: dict) -> None:
+    """Every layer against the dense block's inputs: one pass collects all Hessians."""
+    layers = find_layers(block)
+    H = {name: None for name in layers}
+    n = {name: 0 for name in layers}
+
+    def hook(name):
+        def f(_m, args):
+            H[name], n[name] = accumulate_hessian(H[name], args[0], n[name])
+
+        return f
+
+    handles = [m.register_forward_pre_hook(hook(name)) for name, m in layers.items()]
+    for x in inps:
+        block(x, **kwargs)
+    for h in handles:
+        h.remove()
+    for name, layer in layers.items():
+        set_weight(layer, sparsegpt_prune(get_weight(layer).detach(), H[name], **solve).weight)
+
+
+def forward_order(block, x, kwargs) -> list[str]:
+    order = []
+    handles = [
+        m.register_forward_pre_hook(lambda _m, _a, name=name: order.append(name))
+        for name, m in find_layers(block).items()
+    ]
+    block(x, **kwargs)
+    for h in handles:
+        h.remove()
+    return order
+
+
+def sequential_prune_block(block, inps, kwargs, solve: dict) -> None:
+    """Each layer, in forward order, against its inputs through the layers pruned before it."""
+    layers = find_layers(block)
+    for name in forward_order(block, inps[0], kwargs):
+        state = {"H": None, "n": 0}
+
+        def catch(_m, args, state=state):
+            state["H"], state["n"] = accumulate_hessian(state["H"], args[0], state["n"])
+            raise _Caught
+
+        handle = layers[name].register_forward_pre_hook(catch)
+        for x in inps:
+            try:
+                block(x, **kwargs)
+            except _Caught:
+                pass
+        handle.remove()
+        layer = layers[name]
+        set_weight(layer, sparsegpt_prune(get_weight(layer).detach(), state["H"], **solve).weight)

@@ -262,3 +262,31 @@ def test_kill_inside_reconstruction_resumes_that_block_identically(
     for k in ref:
         assert torch.equal(ours[k], ref[k]), k
     assert leftovers(root) == []
+
+
+def test_kill_inside_a_sequential_pass_resumes_identically(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    """`--sequential` writes block 1's outputs from its one pass: SIGKILL after the second of its three shards,
+    and the next run redoes block 1 (its pass and solves) and ends with an uninterrupted run's weights."""
+
+    def cfg(run_dir: Path) -> PruneConfig:
+        return tiny_prune(tiny_llama_dir, run_dir, batch_size=2, sequential=True)
+
+    reference = start(cfg(tmp_path / "reference"), "none")
+    root = tmp_path / "run"
+    code, out = finish(start(cfg(root), "after:acts/block_002/shard-00001.arrow"))
+    assert code == -signal.SIGKILL, out
+    assert (root / "acts/block_002/shard-00001.arrow").is_file() and not (
+        root / "acts/block_002/manifest.json"
+    ).exists()
+    assert not (root / "blocks" / "block_001.json").exists()
+    events = tmp_path / "events.txt"
+    code, out = finish(start(cfg(root), "none", events))
+    assert code == 0, out
+    assert [e for e in events.read_text().splitlines() if e.startswith("prune")] == ["prune 1", "prune 2"]
+    code, out = finish(reference)
+    assert code == 0, out
+    ours, ref = model_tensors(root / "model"), model_tensors(tmp_path / "reference" / "model")
+    assert ours.keys() == ref.keys()
+    for k in ref:
+        assert torch.equal(ours[k], ref[k]), k
+    assert leftovers(root) == []
