@@ -105,7 +105,7 @@ def _ours(
     wall without its two evaluations)."""
     run_dir = work / f"run-{label.replace(':', '-').replace('%', '')}-{mode}"
     cmd = [sys.executable, "-m", "flows.cli", "prune", "smollm2-135m", "--run-dir", str(run_dir)]
-    cmd += ["--calib", calib, "--eval", evals, "--no-progress", *common, *opt]
+    cmd += ["--calib", calib, "--eval", evals, "--no-progress", "--no-cache", *common, *opt]  # each evaluates dense
     cmd += ["--sequential"] if mode == "sequential" else []
     wall, rss, _ = timed_process(cmd, work / f"ours-{label[:2]}-{mode}.log")
     m = json.loads((run_dir / "eval" / "metrics.json").read_text())

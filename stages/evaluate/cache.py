@@ -9,13 +9,15 @@ for a local file, its size and mtime, the window length and count (or the task l
 compute dtype and the device's kind. A run directory still gets its own record (a copy),
 so a run stays complete if the cache is deleted. Writes are atomic; `--no-cache`
 (`RuntimeConfig.cache = False`) neither reads nor writes it. Pruned models are never
-stored there: each belongs to one run.
+stored there: each belongs to one run. An entry that fails verification is computed
+again (a warning); a cache folder that cannot be written is skipped (a warning, once).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -24,6 +26,10 @@ from stages.data.specs import parse_spec
 from stages.data.tasks import parse_task_specs
 from stages.model.checkpoint import checkpoint_digest
 from stages.model.embedded import cache_root
+from stages.run.rundir import RunError, verify_record, write_record
+
+log = logging.getLogger("sparsegpt.evaluate")
+_unwritable: set[Path] = set()
 
 
 def _file_stamp(path: Path | None) -> list[int] | None:
@@ -44,3 +50,25 @@ def shared_record(kind: str, model_dir: Path, spec: str, **settings: Any) -> Pat
 def eval_cache_dir() -> Path:
     """`$SPARSEGPT_EVAL_CACHE`, else `$SPARSEGPT_CACHE/eval` (the test suite points it at a fresh folder per test)."""
     return Path(os.environ.get("SPARSEGPT_EVAL_CACHE") or cache_root() / "eval").expanduser()
+
+
+def read_shared(path: Path) -> dict | None:
+    """A shared record's payload, or None (missing, or failing verification: then a warning)."""
+    done = verify_record(path)
+    if done is None and path.exists():
+        log.warning("the shared dense evaluation %s failed verification; it is computed again", path)
+    return done
+
+
+def write_shared(path: Path, payload: dict) -> None:
+    """Store a shared record; a cache folder that cannot be written is warned about once and skipped."""
+    try:
+        write_record(path, payload, [])
+    except (OSError, RunError) as exc:
+        if path.parent not in _unwritable:
+            _unwritable.add(path.parent)
+            log.warning(
+                "cannot write the dense-evaluation cache %s (%s); running without it (--no-cache skips it)",
+                path.parent,
+                exc,
+            )

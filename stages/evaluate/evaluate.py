@@ -26,7 +26,7 @@ from stages.config import PruneConfig, RuntimeConfig
 from stages.config.tree import to_flat
 from stages.data.specs import parse_spec
 from stages.data.tasks import parse_task_specs
-from stages.evaluate.cache import shared_record
+from stages.evaluate.cache import read_shared, shared_record, write_shared
 from stages.evaluate.perplexity import Perplexity, eval_windows
 from stages.evaluate.tasks.blockwise import Blockwise
 from stages.evaluate.tasks.zeroshot import evaluate_tasks
@@ -108,7 +108,7 @@ def perplexity_cached(
     shared = None
     if dense and runtime.cache:
         shared = shared_record("ppl", model_dir, spec, seqlen=seqlen, windows=max_windows, **where)
-        done = verify_record(shared)
+        done = read_shared(shared)
         if done is not None:
             write_record(cache, done, [])
             return done
@@ -122,7 +122,7 @@ def perplexity_cached(
     release_memory()
     out = {**res.to_dict(), "seconds": time.perf_counter() - t0, **where}
     if shared is not None:
-        write_record(shared, out, [])
+        write_shared(shared, out)
     write_record(cache, out, [])
     return out
 
@@ -175,7 +175,7 @@ def score_tasks(
         where = evaluated_on(dtype, device)
         common = shared_record("task", model_dir, spec, limit=limit, **where) if shared else None
         if (done is None or any(done.get(k) != v for k, v in {"spec": spec, **where}.items())) and common:
-            done = verify_record(common)
+            done = read_shared(common)
             if done is not None and record is not None:
                 write_record(record, done, [])
         if done is None or any(done.get(k) != v for k, v in {"spec": spec, **where}.items()):
@@ -187,9 +187,10 @@ def score_tasks(
                 parsed.name
             ]
             done = {**scores, "spec": spec, "seconds": time.perf_counter() - t0, **where}
-            for path in (common, record):
-                if path is not None:
-                    write_record(path, done, [])
+            if common is not None:
+                write_shared(common, done)
+            if record is not None:
+                write_record(record, done, [])
         results[parsed.name] = done
         if step is not None:
             step(parsed.name)

@@ -4,6 +4,7 @@ their done-records under eval/, metrics.json's "tasks" key, resuming, and the co
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -137,6 +138,45 @@ def test_the_dense_evaluation_is_shared_across_run_directories(tiny_llama_dir, t
     tensors["model.norm.weight"] += 1.0
     save_file(tensors, str(model / "model.safetensors"), metadata={"format": "pt"})
     assert ppl("f")["ppl"] != first["ppl"] and len(calls) == 5
+
+
+def test_a_corrupt_or_unwritable_shared_cache_is_warned_about_and_worked_around(
+    tiny_llama_dir, tmp_path, monkeypatch, caplog
+):
+    """A shared record that fails verification is computed again (a warning); a cache folder that cannot be
+    written is skipped with one warning, and the run's own records are still written."""
+    import stages.evaluate.cache as cache
+
+    shared = tmp_path / "shared"
+    monkeypatch.setenv("SPARSEGPT_EVAL_CACHE", str(shared))
+    monkeypatch.setattr(cache, "_unwritable", set())
+    calls = []
+    real = stages.evaluate.evaluate.blockwise_perplexity
+    monkeypatch.setattr(
+        stages.evaluate.evaluate, "blockwise_perplexity", lambda *a, **k: (calls.append(1), real(*a, **k))[1]
+    )
+
+    def ppl(run: str, windows: int = 2) -> dict:
+        record = tmp_path / run / "dense.json"
+        runtime = PruneRuntime(progress=False)
+        return perplexity_cached(
+            tiny_llama_dir, "pydoc", 32, windows, record, "dense", torch.float32, 2, runtime, dense=True
+        )
+
+    first = ppl("a")
+    (entry,) = shared.glob("ppl-*.json")
+    entry.write_text(entry.read_text()[:-20])  # truncated, as a killed writer without atomic renames leaves it
+    with caplog.at_level(logging.WARNING, logger="sparsegpt.evaluate"):
+        assert ppl("b")["ppl"] == first["ppl"] and len(calls) == 2
+    assert f"the shared dense evaluation {entry} failed verification; it is computed again" in caplog.text
+    caplog.clear()
+    shutil.rmtree(shared)
+    shared.write_text("a file where the cache folder should be")  # writing under it fails, as read-only does
+    with caplog.at_level(logging.WARNING, logger="sparsegpt.evaluate"):
+        ppl("c")
+        ppl("d", windows=3)
+    assert caplog.text.count("cannot write the dense-evaluation cache") == 1
+    assert (tmp_path / "c" / "dense.json").is_file() and (tmp_path / "d" / "dense.json").is_file()
 
 
 @needs_task_samples
