@@ -10,6 +10,7 @@ from stages.model.checkpoint import check_model, parameter_count
 from stages.progressive.config import ProgressiveConfig
 from stages.prune.check import check_nm_fits, check_nm_hidden
 from stages.run.identity import check_run
+from stages.run.memory import device_bytes
 
 
 def check(cfg: ProgressiveConfig) -> Path:
@@ -35,21 +36,6 @@ def check(cfg: ProgressiveConfig) -> Path:
 DISTILL_BYTES_PER_PARAMETER = 20
 """What whole-model distillation holds per parameter at the least: the float32 student (4), its gradients
 (4), Adam's two moments (8) and the teacher (4 in float32; activations come on top)."""
-
-
-def device_bytes(device: str) -> int | None:
-    """Memory a run on `device` can use: the GPU's total, or the host's available memory (None if unknown)."""
-    if device.startswith("cuda"):
-        import torch
-
-        return int(torch.cuda.get_device_properties(torch.device(device)).total_memory)
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
 
 
 def check_distill_fits(cfg: ProgressiveConfig, model_dir: Path) -> None:

@@ -24,6 +24,7 @@ from stages.model.checkpoint import (
     config_int,
 )
 from stages.run.identity import check_run
+from stages.run.memory import device_bytes
 from stages.run.rundir import RunError
 
 if TYPE_CHECKING:
@@ -47,6 +48,7 @@ def check(cfg: PruneConfig) -> tuple[Path, Skeleton, torch.dtype]:
     check_free_disk(cfg, model_dir, config, dtype)
     check_nm_hidden(cfg, config)
     check_teacher(cfg, config)
+    check_sequential_fits(cfg, config, dtype)
     # the first import of torch and transformers' modeling code: the model built on the meta device
     from stages.model.blocks import skeleton
     from stages.model.models import compute_dtype
@@ -74,6 +76,31 @@ def identity_upgrade(identity: Mapping[str, Any]) -> Callable[[Mapping[str, Any]
         return {**config, **{k: stored.get(k, identity[k]) for k in resolved}}
 
     return upgrade
+
+
+FFN_ATTRS = ("intermediate_size", "ffn_dim", "n_inner")
+
+
+def sequential_bytes(cfg: PruneConfig, config: Mapping[str, Any], dtype: str) -> int:
+    """What `--sequential` holds at once: every calibration batch's in-flight activations of a block, at its
+    widest point (the residual stream, the normed input and the MLP's inner width, a token each)."""
+    hidden = config_int(config, HIDDEN_ATTRS) or 0
+    inner = config_int(config, FFN_ATTRS) or 4 * hidden
+    return cfg.calib.nsamples * cfg.calib.seqlen * (2 * hidden + inner) * _ITEMSIZE.get(dtype, 4)
+
+
+def check_sequential_fits(cfg: PruneConfig, config: Mapping[str, Any], dtype: str) -> None:
+    """Refuse `--sequential` when `sequential_bytes` exceeds the device's memory."""
+    if not cfg.solver.sequential:
+        return
+    need, have = sequential_bytes(cfg, config, dtype), device_bytes(cfg.runtime.device)
+    if have is not None and need > have:
+        tokens = f"{cfg.calib.nsamples} x {cfg.calib.seqlen}"
+        raise ValueError(
+            f"--sequential holds every calibration batch's activations of a block at once: about "
+            f"{need / 2**30:.1f} GiB for {tokens} tokens in {dtype}, and {cfg.runtime.device} has "
+            f"{have / 2**30:.1f} GiB; lower --nsamples or drop --sequential"
+        )
 
 
 def disk_needed(cfg: PruneConfig, model_dir: Path, config: Mapping[str, Any], dtype: str) -> int:

@@ -12,6 +12,7 @@ the objects torch, transformers and Prefect import costs about 0.25 s a call.
 import ctypes
 import ctypes.util
 import functools
+from pathlib import Path
 
 
 @functools.cache
@@ -28,3 +29,18 @@ def release_memory() -> None:
     trim = _malloc_trim()
     if trim is not None:
         trim(0)
+
+
+def device_bytes(device: str) -> int | None:
+    """Memory a run on `device` can use: the GPU's total, or the host's available memory (None if unknown)."""
+    if device.startswith("cuda"):
+        import torch
+
+        return int(torch.cuda.get_device_properties(torch.device(device)).total_memory)
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None

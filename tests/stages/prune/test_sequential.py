@@ -201,3 +201,23 @@ def test_sequential_with_owl_quantization_and_reconstruction(tiny_llama_dir, tmp
         )
     if cfg.solver.nm:
         assert bool(((W.reshape(W.shape[0], -1, 4) != 0).sum(-1) <= 2).all())
+
+
+def test_sequential_that_cannot_fit_is_refused_before_any_work(tiny_llama_dir, tmp_path, monkeypatch, capsys):
+    """Tiny Llama: 6 x 32 tokens x (2 x 32 + 64) float32 values = 96 KiB held at once by --sequential."""
+    import stages.prune.check as check
+    from flows.cli import main
+
+    monkeypatch.setattr(check, "device_bytes", lambda device: 64 * 1024)
+    args = ["prune", str(tiny_llama_dir), "--run-dir", str(tmp_path / "r"), "--nsamples", "6", "--seqlen", "32"]
+    assert main([*args, "--sequential"]) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        "error: --sequential holds every calibration batch's activations of a block at once: about 0.0 GiB for "
+        "6 x 32 tokens in float32, and cpu has 0.0 GiB; lower --nsamples or drop --sequential\n"
+    )
+    assert not (tmp_path / "r").exists()
+    cfg = tiny_prune(tiny_llama_dir, tmp_path / "r", sequential=True)
+    config = {"hidden_size": 32, "intermediate_size": 64}
+    assert check.sequential_bytes(cfg, config, "float32") == 6 * 32 * 128 * 4
+    check.check(tiny_prune(tiny_llama_dir, tmp_path / "d"))  # the default mode holds one batch: no such limit
