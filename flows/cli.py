@@ -13,6 +13,7 @@ Bad input ends with one line `error: ...` naming the problem and the fix, exit c
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import time
@@ -67,12 +68,35 @@ def _progressive(args: argparse.Namespace) -> int:
     from flows.progressive import progressive
     from stages.progressive.rounds import summary_markdown
 
+    _task_lines_off_console(cfg.runtime.progress)
     out = progressive(cfg)
     print()
     print(summary_markdown(out["summary"]))
     print(f"\n{out['message']}")
     print(f"summary: {Path(cfg.run_dir) / 'summary.json'}")
     return 0
+
+
+class _TaskInfoOffConsole(logging.Filter):
+    """Drops Prefect task-run records below WARNING (their state lines, per-block messages)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.name.startswith("prefect.task_runs") and record.levelno < logging.WARNING)
+
+
+def _task_lines_off_console(progress: bool) -> None:
+    """With progress bars on, the console holds one bar per stage and the final table: task-run lines below
+    WARNING go only to Prefect's API (the UI, `prefect flow-run logs`), whose handler sits on the task-run
+    logger itself, not between the bars' redraws. Warnings and the project's own log lines still print."""
+    if not progress:
+        return
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, PrefectConsoleHandler) and not any(
+            isinstance(f, _TaskInfoOffConsole) for f in handler.filters
+        ):
+            handler.addFilter(_TaskInfoOffConsole())
 
 
 def _add_report(sub: argparse._SubParsersAction) -> None:
@@ -96,6 +120,7 @@ def _prune(args: argparse.Namespace) -> int:
     from flows.artifacts import metrics_markdown
     from flows.oneshot import oneshot
 
+    _task_lines_off_console(cfg.runtime.progress)
     startup = time.perf_counter() - T0
     t_flow = time.perf_counter()
     metrics = oneshot(cfg)
@@ -124,6 +149,7 @@ def _eval(args: argparse.Namespace) -> int:
     from flows.artifacts import eval_markdown
     from flows.evaluate import evaluate
 
+    _task_lines_off_console(cfg.runtime.progress)
     print(eval_markdown(evaluate(cfg)))
     return 0
 
