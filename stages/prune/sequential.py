@@ -7,14 +7,18 @@ inputs: one forward per block instead of the default's two (the dense Hessians' 
 then the pruned block's).
 
 How, without per-architecture code: every calibration batch runs the block's own forward
-in a thread of its own, and a forward pre-hook on each linear layer parks the thread at
-the layer's input. The threads run one at a time, in batch order (`_Batch.step`), so the
-computation is the same as one thread's. Once every batch waits at the same layer, its
-Hessian is accumulated from their inputs in batch order, the layer is solved (and its
-weight rounded through the checkpoint's dtype, as it will be saved), and the batches go
-on to the next layer. Layers whose input is the very tensor an earlier layer got (q/k/v,
-gate/up) share that layer's Hessian. The batches' in-flight activations of one block are
-held at once: about `nsamples x seqlen x (hidden + the widest layer input)` values.
+in a greenlet of its own (a coroutine with its own stack, in this thread), and a forward
+pre-hook on each linear layer parks it at the layer's input. The batches run one at a
+time, in batch order (`_Batch.step`), on this thread: the same kernels, thread pool and
+heap as a plain loop (OS threads instead gave each batch its own OpenMP team and malloc
+arena). Torch's thread-local modes (grad, autocast) are shared by the batches, so a block
+whose forward holds one open across a linear layer's call is not supported. Once every
+batch waits at the same layer, its Hessian is accumulated from their inputs in batch
+order, the layer is solved (and its weight rounded through the checkpoint's dtype, as it
+will be saved), and the batches go on to the next layer. Layers whose input is the very
+tensor an earlier layer got (q/k/v, gate/up) share that layer's Hessian. The batches'
+in-flight activations of one block are held at once (`stages.prune.check.sequential_bytes`
+estimates them).
 
 A block whose batches do not all stop at the same layers in the same order (data-dependent
 routing, a layer called twice) raises `NotSequential` before any output is given; the caller
@@ -23,10 +27,10 @@ reloads the dense block and prunes it the default way.
 
 from __future__ import annotations
 
-import threading
 import weakref
 from collections.abc import Callable, Iterable
 
+import greenlet
 import torch
 from torch import nn
 
@@ -40,46 +44,22 @@ class NotSequential(Exception):
     """The block's forward cannot be split at its layers' inputs the same way for every batch."""
 
 
-class _Abort(BaseException):
-    """Raised inside a parked batch's thread to unwind its forward."""
-
-
 class _Batch:
-    """One calibration batch's forward, in a thread that runs only while `step` waits for it."""
+    """One calibration batch's forward, in a greenlet that runs only inside `step`."""
 
-    def __init__(self, block: nn.Module, x: torch.Tensor, kwargs: Kwargs, threads: int):
+    def __init__(self, block: nn.Module, x: torch.Tensor, kwargs: Kwargs):
         self.at: str | None = None
         """The layer whose input the batch is parked at; None once its forward has returned."""
         self.input: torch.Tensor | None = None
         self.output: torch.Tensor | None = None
-        self.error: BaseException | None = None
-        self.abort = False
         self._seen: list[tuple[weakref.ref, str]] = []  # inputs given to earlier layers, while alive
-        self._go, self._parked = threading.Semaphore(0), threading.Semaphore(0)
-        self._thread = threading.Thread(target=self._run, args=(block, x, kwargs, threads), daemon=True)
-        self._thread.start()
-
-    def _run(self, block: nn.Module, x: torch.Tensor, kwargs: Kwargs, threads: int) -> None:
-        self._go.acquire()
-        torch.set_num_threads(threads)  # as the calling thread: the same kernels, the same bits
-        try:
-            with torch.no_grad():
-                self.output = run_block(block, x, kwargs)
-        except _Abort:
-            pass
-        except BaseException as e:  # handed to the coordinator, raised there
-            self.error = e
-        self.at, self.input = None, None
-        self._parked.release()
+        self.greenlet = greenlet.greenlet(lambda: run_block(block, x, kwargs))
 
     def park(self, name: str, x: torch.Tensor) -> None:
-        """Called from the layer's pre-hook in this batch's thread: wait until the coordinator goes on."""
+        """Called from the layer's pre-hook inside this batch's greenlet: hand control back to `step`."""
         self.at, self.input = name, x
-        self._parked.release()
-        self._go.acquire()
+        self.greenlet.parent.switch()
         self.input = None
-        if self.abort:
-            raise _Abort
 
     def shared_with(self, x: torch.Tensor) -> str | None:
         """The earlier layer whose input was this very tensor (same storage, shape and strides), if any."""
@@ -94,19 +74,15 @@ class _Batch:
         self._seen.append((weakref.ref(x), name))
 
     def step(self) -> None:
-        """Let the batch run to its next layer's input, or to the end of the block."""
-        self._go.release()
-        self._parked.acquire()
-        if self.error is not None:
-            raise self.error
+        """Let the batch run to its next layer's input, or to the end of the block (errors raise here)."""
+        out = self.greenlet.switch()
+        if self.greenlet.dead:
+            self.at, self.output = None, out
 
     def stop(self) -> None:
-        """Unwind a parked batch's forward and end its thread."""
-        if self.at is not None:
-            self.abort = True
-            self._go.release()
-            self._parked.acquire()
-        self._thread.join()
+        """Unwind a parked batch's forward (GreenletExit inside it)."""
+        if self.greenlet and not self.greenlet.dead:
+            self.greenlet.throw()
 
 
 @torch.no_grad()
@@ -129,22 +105,22 @@ def prune_block_sequential(
     batches do not stop at the same layers in the same order.
     """
     layers = find_layers(block)
-    current: dict[int, _Batch] = {}  # thread id -> its batch
+    current: dict[greenlet.greenlet, _Batch] = {}
 
     def hook(name: str) -> Callable:
         def pre_hook(_module: nn.Module, args: tuple) -> None:
-            batch = current.get(threading.get_ident())
+            batch = current.get(greenlet.getcurrent())
             if batch is not None:
                 batch.park(name, args[0])
 
         return pre_hook
 
     handles = [m.register_forward_pre_hook(hook(name)) for name, m in layers.items()]
-    threads, running = torch.get_num_threads(), []
+    running: list[_Batch] = []
     try:
         for x in batches:
-            batch = _Batch(block, x, layer_kwargs, threads)
-            current[batch._thread.ident] = batch
+            batch = _Batch(block, x, layer_kwargs)
+            current[batch.greenlet] = batch
             running.append(batch)
             batch.step()
         stats: dict[str, LayerStats] = {}

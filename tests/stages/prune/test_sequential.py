@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -89,6 +88,9 @@ def test_outputs_are_what_the_saved_block_gives(tiny_llama_dir, tmp_path):
             assert torch.equal(run_block(block, x, kwargs)[0], written[j]), (i, j)
 
 
+UNWOUND: list[str] = []
+
+
 class Routed(nn.Module):
     """Data-dependent routing: a batch goes through `a` or `b` by the sign of its sum."""
 
@@ -97,7 +99,10 @@ class Routed(nn.Module):
         self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 8)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.a(x) if x.sum() > 0 else self.b(x)
+        try:
+            return self.a(x) if x.sum() > 0 else self.b(x)
+        finally:
+            UNWOUND.append(type(self).__name__)
 
 
 class Twice(nn.Module):
@@ -108,31 +113,37 @@ class Twice(nn.Module):
         self.a = nn.Linear(8, 8)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.a(torch.relu(self.a(x)))
+        try:
+            return self.a(torch.relu(self.a(x)))
+        finally:
+            UNWOUND.append(type(self).__name__)
 
 
 @pytest.mark.parametrize(
     ("block", "message"), [(Routed(), r"Routed stop at different layers \(a, b\)"), (Twice(), "a runs twice")]
 )
-def test_a_block_that_cannot_be_split_raises_and_leaves_no_thread(block, message):
+def test_a_block_that_cannot_be_split_raises_and_unwinds_every_batch(block, message):
     x = torch.randn(1, 4, 8)
     batches = [x.abs(), -x.abs(), x.abs()]
-    before = threading.active_count()
+    UNWOUND.clear()
     with pytest.raises(NotSequential, match=message):
         prune_block_sequential(block, batches, {}, SolverConfig(), 0.5, outputs=lambda y: pytest.fail("no output"))
-    assert threading.active_count() == before
+    assert UNWOUND == [type(block).__name__] * 3  # every parked forward ran its finally: nothing left suspended
 
 
 def test_an_error_inside_the_forward_reaches_the_caller():
     class Failing(Twice):
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            self.a(x)
-            raise ValueError("inside the block")
+            try:
+                self.a(x)
+                raise ValueError("inside the block")
+            finally:
+                UNWOUND.append("Failing")
 
-    before = threading.active_count()
+    UNWOUND.clear()
     with pytest.raises(ValueError, match="inside the block"):
         prune_block_sequential(Failing(), [torch.randn(1, 4, 8)] * 2, {}, SolverConfig(), 0.5)
-    assert threading.active_count() == before
+    assert UNWOUND == ["Failing"] * 2
 
 
 def test_a_block_that_cannot_be_split_is_pruned_the_default_way(tiny_llama_dir, tmp_path, monkeypatch, caplog):
