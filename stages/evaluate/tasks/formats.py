@@ -102,11 +102,15 @@ def winogrande_item(row: Row) -> Item:
 
 
 def boolq_item(row: Row) -> Item:
-    """`{passage}\\nQuestion: {question}?\\nAnswer:` + ' no' / ' yes'."""
+    """`{passage}\nQuestion: {question}?\nAnswer:` + ' no' / ' yes', lm-eval's `boolq` on SuperGLUE's copy,
+    whose passage is `{title} -- {passage}`: Google's own files (separate `title`) are joined the same way."""
     answer = row["answer"] if "answer" in row else row["label"]
     if isinstance(answer, str):
         answer = {"true": 1, "false": 0}[answer.strip().lower()]
-    return _choice_item(f"{row['passage']}\nQuestion: {row['question']}?\nAnswer:", ["no", "yes"], int(answer))
+    passage, title = row["passage"], row.get("title")
+    if title and not passage.startswith(f"{title} -- "):
+        passage = f"{title} -- {passage}"
+    return _choice_item(f"{passage}\nQuestion: {row['question']}?\nAnswer:", ["no", "yes"], int(answer))
 
 
 def storycloze_item(row: Row) -> Item:
@@ -216,7 +220,7 @@ HUB = {
     "arc_challenge": ("allenai/ai2_arc", "ARC-Challenge", "test"),
     "hellaswag": ("Rowan/hellaswag", None, "validation"),
     "winogrande": ("allenai/winogrande", "winogrande_xl", "validation"),
-    "boolq": ("google/boolq", None, "validation"),
+    "boolq": ("aps/super_glue", "boolq", "validation"),
 }
 """Task name -> (hub dataset, config, split) lm-eval uses; StoryCloze is not on the hub."""
 

@@ -77,7 +77,7 @@ def reference_prompt(name: str) -> tuple[list[tuple[str, str]], list[str], int]:
         return [(c, " " + after.strip()) for c in ctxs], ctxs, int(d["answer"]) - 1
     if name == "boolq":
         d = json.loads(first_line(name))
-        ctx = d["passage"] + "\nQuestion: " + d["question"] + "?\nAnswer:"
+        ctx = d["title"] + " -- " + d["passage"] + "\nQuestion: " + d["question"] + "?\nAnswer:"  # SuperGLUE's passage
         return [(ctx, " no"), (ctx, " yes")], ["no", "yes"], int(d["answer"])
     with (SAMPLES / FILES[name]).open(newline="") as f:
         row = next(csv.DictReader(f))
@@ -310,3 +310,16 @@ def test_batches_cut_at_the_least_padding_plus_pass_cost(tiny) -> None:
     assert [len(b) for b in length_batches(rows, batch_size=8, pass_tokens=0)] == [1, 1, 1, 1]
     assert [len(b) for b in length_batches(rows, batch_size=8, pass_tokens=1000)] == [4]
     assert length_batches([], batch_size=8) == []
+
+
+def test_boolq_prompt_is_lm_evals_from_googles_file_and_from_superglues_rows():
+    """lm-eval scores SuperGLUE's BoolQ, whose passage is `title -- passage`; Google's dev.jsonl keeps the title
+    apart. Both give lm-eval's exact prompt string; a SuperGLUE row's passage is not prefixed twice."""
+    from stages.evaluate.tasks.formats import boolq_item
+
+    google = {"question": "is it so", "title": "Some topic", "answer": True, "passage": "It is so."}
+    superglue = {"question": "is it so", "passage": "Some topic -- It is so.", "idx": 0, "label": 1}
+    want = "Some topic -- It is so.\nQuestion: is it so?\nAnswer:"
+    for row in (google, superglue):
+        item = boolq_item(row)
+        assert [ctx for ctx, _ in item.requests] == [want, want] and item.gold == 1
