@@ -13,12 +13,12 @@ from flows.artifacts import move, new_progress, publish_eval
 from flows.errors import reports_user_errors
 from stages.config import EvaluateConfig
 from stages.data.specs import parse_spec
-from stages.evaluate.cache import shared_record
+from stages.evaluate.cache import read_shared, shared_record, write_shared
 from stages.evaluate.check import check as check_evaluate
 from stages.evaluate.evaluate import blockwise_perplexity, evaluated_on, score_tasks
+from stages.evaluate.lm_eval_layout import lm_eval_results, write_results
 from stages.evaluate.perplexity import eval_windows
 from stages.model.models import compute_dtype, load_tokenizer
-from stages.run.rundir import verify_record, write_record
 
 PROGRESS_KEY = "sparsegpt-eval-progress"
 
@@ -31,7 +31,7 @@ def perplexity(cfg: EvaluateConfig, model_dir: str, spec: str) -> dict:
     dtype = compute_dtype(rt.device, Path(model_dir), rt.dtype)
     where = evaluated_on(dtype, rt.device)
     shared = shared_record("ppl", Path(model_dir), spec, seqlen=cfg.eval_seqlen, windows=ev.windows, **where)
-    out = verify_record(shared) if rt.cache else None
+    out = read_shared(shared) if rt.cache else None
     if out is None:
         tok = load_tokenizer(model_dir, cfg.trust_remote_code)
         ids = eval_windows(tok, spec, cfg.eval_seqlen, ev.windows)
@@ -41,7 +41,7 @@ def perplexity(cfg: EvaluateConfig, model_dir: str, spec: str) -> dict:
         )
         out = {**res.to_dict(), "seconds": time.perf_counter() - t0, **where}
         if rt.cache:
-            write_record(shared, out, [])
+            write_shared(shared, out)
     get_run_logger().info("%s: ppl %.4f over %d x %d tokens", spec, out["ppl"], out["windows"], out["seqlen"])
     return out
 
@@ -95,5 +95,10 @@ def evaluate(cfg: EvaluateConfig) -> dict:
         move(artifact, k + 1, total, f"perplexity {s}")
     if ev.tasks:
         res["tasks"] = zero_shot(cfg, model_dir, artifact, len(ev.specs), total)
+    if ev.out:
+        ppl = {k: v for k, v in res.items() if k != "tasks"}
+        dtype = str(compute_dtype(cfg.runtime.device, Path(model_dir), cfg.runtime.dtype)).removeprefix("torch.")
+        where = {"dtype": dtype, "device": cfg.runtime.device, "batch_size": ev.batch_size, "limit": ev.task_limit}
+        write_results(ev.out, lm_eval_results(ppl, res.get("tasks") or {}, cfg.model, where))
     publish_eval(res, cfg.model)
     return res

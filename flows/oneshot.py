@@ -26,6 +26,7 @@ from flows.artifacts import block_progress, eval_progress, publish_metrics, repo
 from flows.errors import reports_user_errors
 from stages.config import PruneConfig
 from stages.evaluate.evaluate import evaluate_run
+from stages.evaluate.lm_eval_layout import dense_path, prune_layouts, write_results
 from stages.prune import oneshot as st
 from stages.prune.check import check as check_prune
 from stages.run.identity import config_hash
@@ -127,6 +128,20 @@ def evaluate(cfg: PruneConfig, run: st.Run, records: list[dict], timings: dict) 
     return evaluate_run(cfg, run, run.dtype, records, timings, progress)
 
 
+def write_lm_eval(cfg: PruneConfig, run: st.Run, metrics: dict) -> None:
+    """`--out PATH`: the pruned model's scores in lm-eval's layout at PATH, the dense model's beside it."""
+    where = {
+        "dtype": str(run.dtype).removeprefix("torch."),
+        "device": cfg.runtime.device,
+        "batch_size": cfg.eval.batch_size,
+        "limit": cfg.eval.task_limit,
+        "sparsegpt": {"method": cfg.solver.label, "run_dir": str(run.root)},
+    }
+    dense, pruned = prune_layouts(metrics, str(run.model_dir), str(run.model), where)
+    write_results(cfg.eval.out, pruned)
+    write_results(dense_path(cfg.eval.out), dense)
+
+
 @task(name="report")
 def report(cfg: PruneConfig) -> str:
     """Write eval/report.{md,html} and the PNGs; return the Markdown with image links as file paths."""
@@ -166,6 +181,8 @@ def oneshot(cfg: PruneConfig) -> dict:
         sweep_tmp(cfg.run_dir)
         run, records = st.run_steps(cfg, _steps(cfg), timings)
         metrics = evaluate(cfg, run, records, timings)
+        if cfg.eval.out:
+            write_lm_eval(cfg, run, metrics)
         report_md = report(cfg)
     publish_metrics(metrics, cfg, report_md)
     return metrics

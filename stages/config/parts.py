@@ -187,6 +187,9 @@ class EvalConfig:
     comma-separated (repeatable); a bare NAME loads the hub copy."""
     task_limit: int | None = opt(None, flag="--limit")
     """Score only the first N items of each task (quick runs on a CPU)."""
+    out: str | None = opt(None, metavar="PATH")
+    """Also write the scores in lm-evaluation-harness's results layout to PATH (a prune: the pruned model's;
+    the dense model's beside it as NAME.dense.json)."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "specs", tuple(self.specs))

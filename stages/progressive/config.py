@@ -134,7 +134,7 @@ class ProgressiveConfig(Tree):
     solver: SolverConfig = part(SolverConfig, cli=SOLVER_OPTIONS)
     reconstruct: ReconstructConfig = part(ReconstructConfig, cli=RECONSTRUCT_OPTIONS)
     finetune: FinetuneConfig = part(FinetuneConfig, cli=FINETUNE_OPTIONS)
-    eval: EvalConfig = part(EvalConfig)
+    eval: EvalConfig = part(EvalConfig, cli=("specs", "seqlen", "windows", "batch_size", "tasks", "task_limit"))
     runtime: ProgressiveRuntime = part(ProgressiveRuntime)
 
     def __post_init__(self) -> None:

@@ -10,9 +10,11 @@ block 1 is retried with `prefect flow-run retry` and must finish with the same w
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -94,7 +96,8 @@ def task_states(flow_run_id: UUID, expected: int, attempt: int | None = None) ->
 @pytest.fixture(scope="module")
 def reference(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     """One uninterrupted flow run with progress on: (cfg, final state, progress values sent per artifact id)."""
-    cfg = tiny_cfg(tiny_llama_dir, tmp_path_factory.mktemp("flow") / "ref", progress=True)
+    root = tmp_path_factory.mktemp("flow")
+    cfg = tiny_cfg(tiny_llama_dir, root / "ref", progress=True, out=str(root / "results" / "ref.json"))
     sent: dict[UUID, list[float]] = {}
     real_update = artifacts.update_progress_artifact
 
@@ -343,7 +346,30 @@ def test_evaluate_flow_agrees_with_the_oneshot_metrics(reference):
     assert dense.result()["pydoc"]["ppl"] == pytest.approx(metrics["pydoc"]["dense_ppl"], rel=1e-5)
 
 
-def test_cli_eval_prints_perplexity_and_task_tables(reference, capsys):
+def test_out_writes_lm_eval_results_of_the_pruned_and_the_dense_model(reference):
+    from stages.evaluate.lm_eval_layout import dense_path
+
+    cfg, state, _ = reference
+    metrics = state.result()
+    pruned = json.loads(Path(cfg.eval.out).read_text())
+    dense = json.loads(dense_path(cfg.eval.out).read_text())
+    assert dense_path(cfg.eval.out).name == "ref.dense.json"
+    assert pruned["results"]["pydoc"]["token_perplexity,none"] == metrics["pydoc"]["ppl"]
+    assert dense["results"]["pydoc"]["token_perplexity,none"] == metrics["pydoc"]["dense_ppl"]
+    assert pruned["config"]["model_args"] == f"pretrained={Path(cfg.run_dir) / 'model'}"
+    if TASKS:
+        for which, layout in (("pruned", pruned), ("dense", dense)):
+            scores = metrics["tasks"]["boolq"][which]
+            hits = round(scores["acc"] * scores["n"])
+            zero_one = [1.0] * hits + [0.0] * (scores["n"] - hits)
+            entry = layout["results"]["boolq"]
+            assert entry["acc,none"] == scores["acc"]
+            assert entry["acc_stderr,none"] == pytest.approx(statistics.stdev(zero_one) / math.sqrt(scores["n"]))
+            assert layout["versions"] == {"boolq": 2.0} and layout["n-shot"] == {"boolq": 0}
+            assert layout["n-samples"] == {"boolq": {"effective": 2}}
+
+
+def test_cli_eval_prints_perplexity_and_task_tables(reference, capsys, tmp_path):
     from flows.cli import main
 
     cfg, state, _ = reference
@@ -361,11 +387,15 @@ def test_cli_eval_prints_perplexity_and_task_tables(reference, capsys):
                 "--eval-windows",
                 "2",
                 *(["--tasks", ",".join(TASKS), "--limit", "2"] if TASKS else []),
+                "--out",
+                str(tmp_path / "results.json"),
             ]
         )
         == 0
     )
     out = capsys.readouterr().out
+    results = json.loads((tmp_path / "results.json").read_text())["results"]
+    assert results["pydoc"]["token_perplexity,none"] == pytest.approx(metrics["pydoc"]["ppl"], rel=1e-5)
     assert f"| pydoc | 2 x 32 | {metrics['pydoc']['ppl']:.2f} |" in out
     if TASKS:
         assert f"| boolq | 2 | acc | {metrics['tasks']['boolq']['pruned']['acc']:.4f} |" in out
