@@ -244,7 +244,7 @@ def test_deleted_block_is_redone_alone_and_never_served_stale(reference):
 
 def test_failed_run_resumes_with_prefect_flow_run_retry(reference, tmp_path, monkeypatch):
     ref_cfg, _, _ = reference
-    cfg = ref_cfg.updated(run_dir=str(tmp_path / "crashy"), progress=False)
+    cfg = ref_cfg.updated(run_dir=str(tmp_path / "crashy"), progress=False, out=None)
     real = st.prune_one
 
     def fail_at_block_1(cfg, run, i, sparsity):
