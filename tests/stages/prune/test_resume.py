@@ -221,6 +221,17 @@ def test_second_process_is_locked_out(tiny_llama_dir: Path, tmp_path: Path) -> N
         pass
 
 
+def ends_like_the_reference(reference: subprocess.Popen, root: Path, reference_dir: Path) -> None:
+    """The uninterrupted run finishes; the resumed run's model equals its bit for bit, no temporary file left."""
+    code, out = finish(reference)
+    assert code == 0, out
+    ours, ref = model_tensors(root / "model"), model_tensors(reference_dir / "model")
+    assert ours.keys() == ref.keys()
+    for k in ref:
+        assert torch.equal(ours[k], ref[k]), k
+    assert leftovers(root) == []
+
+
 @pytest.mark.parametrize("target", ["dense-stream", "dense-block"])
 def test_kill_inside_reconstruction_resumes_that_block_identically(
     tiny_llama_dir: Path, tmp_path: Path, target: str
@@ -255,13 +266,7 @@ def test_kill_inside_reconstruction_resumes_that_block_identically(
     events = second.read_text().splitlines()
     # block 1's complete targets were reused: nothing is forwarded before its solve
     assert events[0] == "prune 1" and "prune 0" not in events
-    code, out = finish(reference)
-    assert code == 0, out
-    ours, ref = model_tensors(root / "model"), model_tensors(tmp_path / "reference" / "model")
-    assert ours.keys() == ref.keys()
-    for k in ref:
-        assert torch.equal(ours[k], ref[k]), k
-    assert leftovers(root) == []
+    ends_like_the_reference(reference, root, tmp_path / "reference")
 
 
 def test_kill_inside_a_sequential_pass_resumes_identically(tiny_llama_dir: Path, tmp_path: Path) -> None:
@@ -283,10 +288,4 @@ def test_kill_inside_a_sequential_pass_resumes_identically(tiny_llama_dir: Path,
     code, out = finish(start(cfg(root), "none", events))
     assert code == 0, out
     assert [e for e in events.read_text().splitlines() if e.startswith("prune")] == ["prune 1", "prune 2"]
-    code, out = finish(reference)
-    assert code == 0, out
-    ours, ref = model_tensors(root / "model"), model_tensors(tmp_path / "reference" / "model")
-    assert ours.keys() == ref.keys()
-    for k in ref:
-        assert torch.equal(ours[k], ref[k]), k
-    assert leftovers(root) == []
+    ends_like_the_reference(reference, root, tmp_path / "reference")
