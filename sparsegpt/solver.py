@@ -37,6 +37,8 @@ class PruneResult:
     """The OBS loss the solve accumulated, ``½ Σ (w − q)² / [Hinv]_jj²``."""
     percdamp: float
     """The dampening actually used (larger than asked when retries were needed)."""
+    grid: QuantGrid | None = None
+    """The quantization grid the surviving weights were rounded to (joint quantization only)."""
 
     @property
     def sparsity(self) -> float:
@@ -103,7 +105,7 @@ def sparsegpt_prune(
         mask[:, i1:i2] = mask1
         loss += torch.sum(Err1 * Err1) / 2
         W[:, i2:].addmm_(Err1, Hinv[i1:i2, i2:], alpha=-1)
-    return PruneResult(weight=W.to(out_dtype), mask=mask, loss=float(loss), percdamp=used_damp)
+    return PruneResult(weight=W.to(out_dtype), mask=mask, loss=float(loss), percdamp=used_damp, grid=grid)
 
 
 def _block_quotas(prior: torch.Tensor | None, rows: int, cols: int, blocksize: int, target: int) -> list[int]:

@@ -45,7 +45,7 @@ def block_file_name(i: int) -> str:
     return f"block_{i:03d}.safetensors"
 
 
-def _original_layout(index: SafetensorsIndex) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+def original_layout(index: SafetensorsIndex) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
     """Each original tensor's (dtype, shape), read from the safetensors headers only."""
     out: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
     for file in index.files():
@@ -54,7 +54,7 @@ def _original_layout(index: SafetensorsIndex) -> dict[str, tuple[torch.dtype, tu
 
 
 @dataclass(frozen=True)
-class _Unit:
+class Unit:
     """Tensors written together (the non-block tensors, or one block): output layout, then the data on demand."""
 
     layout: dict[str, tuple[torch.dtype, tuple[int, ...]]]
@@ -78,7 +78,7 @@ def _header(path: Path) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
     return out
 
 
-def _block_unit(path: Path, i: int, sk: Skeleton, dtypes: dict[str, torch.dtype]) -> _Unit:
+def _block_unit(path: Path, i: int, sk: Skeleton, dtypes: dict[str, torch.dtype]) -> Unit:
     """Block i from its own file, under its checkpoint names (exactly the block's state dict); the file in
     checkpoint names may hold them prefixed already."""
     prefix = sk.block_prefix(i)
@@ -98,12 +98,12 @@ def _block_unit(path: Path, i: int, sk: Skeleton, dtypes: dict[str, torch.dtype]
 
     layout = {name: (dtypes.get(name, found[stored][0]), found[stored][1]) for name, stored in full.items()}
     as_is = all(name == stored and layout[name][0] == found[stored][0] for name, stored in full.items())
-    return _Unit(layout, load, path if as_is else None)
+    return Unit(layout, load, path if as_is else None)
 
 
 def _units(
     sk: Skeleton, paths: list[Path], index: SafetensorsIndex, original: dict[str, tuple[torch.dtype, tuple[int, ...]]]
-) -> list[_Unit]:
+) -> list[Unit]:
     """The checkpoint in units: non-block tensors first, then one block at a time.
 
     Original block tensors that the block does not have (old buffers transformers
@@ -113,7 +113,7 @@ def _units(
     """
     rest = [k for k in index.weight_map if sk.block_of(k) is None]
     dtypes = {k: dt for k, (dt, _) in original.items()}
-    units = [_Unit({k: original[k] for k in rest}, lambda: index.load(rest))]
+    units = [Unit({k: original[k] for k in rest}, lambda: index.load(rest))]
     return units + [_block_unit(path, i, sk, dtypes) for i, path in enumerate(paths)]
 
 
@@ -146,8 +146,8 @@ def assemble(
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        shards = _write_shards(_units(sk, paths, index, _original_layout(index)), tmp, max_shard_bytes)
-        _write_index(tmp, shards)
+        shards = write_shards(_units(sk, paths, index, original_layout(index)), tmp, max_shard_bytes)
+        write_index(tmp, shards)
         for src in sorted(model_dir.iterdir()):
             if src.is_file() and not src.name.endswith(WEIGHT_SUFFIXES) and src.name != INDEX_NAME:
                 shutil.copy2(src, tmp / src.name)
@@ -165,10 +165,10 @@ def assemble(
     return out_dir
 
 
-def _write_shards(units: list[_Unit], folder: Path, max_bytes: int) -> list[dict[str, int]]:
+def write_shards(units: list[Unit], folder: Path, max_bytes: int) -> list[dict[str, int]]:
     """Group units into shards of at most `max_bytes` (a unit is never split; one that is a shard as it is
     stays alone and is linked); return each shard's sizes."""
-    groups: list[list[_Unit]] = []
+    groups: list[list[Unit]] = []
     for unit in units:
         last = groups[-1] if groups else None
         streamed = last is not None and unit.shard is None and last[0].shard is None
@@ -186,7 +186,7 @@ def _write_shards(units: list[_Unit], folder: Path, max_bytes: int) -> list[dict
     return shards
 
 
-def _stream_safetensors(path: Path, units: list[_Unit]) -> None:
+def _stream_safetensors(path: Path, units: list[Unit]) -> None:
     """Write one safetensors file unit by unit: the header first (it needs only dtypes and
     shapes), then each unit's bytes, so only one unit's tensors are ever in memory."""
     header: dict[str, dict] = {"__metadata__": {"format": "pt"}}
@@ -211,7 +211,7 @@ def _stream_safetensors(path: Path, units: list[_Unit]) -> None:
             del tensors, t
 
 
-def _write_index(folder: Path, shards: list[dict[str, int]]) -> None:
+def write_index(folder: Path, shards: list[dict[str, int]]) -> None:
     """Name the shards as transformers does and write the index when there is more than one."""
     if len(shards) == 1:
         os.replace(folder / "shard-00000.safetensors", folder / "model.safetensors")

@@ -27,6 +27,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 from transformers import initialization as hf_init
 from transformers.pytorch_utils import Conv1D
 
+from sparsegpt.quant import QuantGrid
 from stages.model.checkpoint import SafetensorsIndex
 from stages.model.models import load_config
 from stages.run.rundir import atomic_path
@@ -269,6 +270,37 @@ def save_block(
         tensors[prefix + k] = v.contiguous()
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata={"format": "pt"})
+
+
+def save_grids(path: PathLike, grids: dict[str, QuantGrid]) -> None:
+    """Write joint quantization's grids, atomically: per layer (checkpoint name without `.weight`)
+    `NAME.weight_scale` (float32, rows x groups) and `NAME.weight_zero_point` (uint8, the integer zero point),
+    the largest level in the metadata. With them the stored weights are exact integer codes (`load_grids`)."""
+    tensors, maxq = {}, {g.maxq for g in grids.values()}
+    if len(maxq) != 1:
+        raise ValueError(f"one bit width per block expected, got levels {sorted(maxq)}")
+    for name, g in grids.items():
+        tensors[f"{name}.weight_scale"] = g.scale.detach().to("cpu", torch.float32).contiguous()
+        tensors[f"{name}.weight_zero_point"] = g.zero.detach().to("cpu").to(torch.uint8).contiguous()
+    with atomic_path(path) as tmp:
+        groups = json.dumps({name: g.groupsize for name, g in grids.items()})
+        save_file(tensors, str(tmp), metadata={"format": "pt", "maxq": str(maxq.pop()), "groupsize": groups})
+
+
+def load_grids(path: PathLike) -> dict[str, QuantGrid]:
+    """The grids `save_grids` wrote, by layer name."""
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+        maxq, groups = int(meta["maxq"]), json.loads(meta["groupsize"])
+        return {
+            name: QuantGrid(
+                scale=f.get_tensor(f"{name}.weight_scale"),
+                zero=f.get_tensor(f"{name}.weight_zero_point").float(),
+                maxq=maxq,
+                groupsize=gs,
+            )
+            for name, gs in groups.items()
+        }
 
 
 # ---------------------------------------------------------------- running a block

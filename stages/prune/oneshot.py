@@ -37,7 +37,16 @@ from stages.config import PruneConfig
 from stages.config.tree import to_flat
 from stages.data.calibration import sample_calibration, write_tokens
 from stages.model.assemble import assemble
-from stages.model.blocks import find_layers, load_block, round_to_stored, run_block, save_block, skeleton, stored_dtypes
+from stages.model.blocks import (
+    find_layers,
+    load_block,
+    round_to_stored,
+    run_block,
+    save_block,
+    save_grids,
+    skeleton,
+    stored_dtypes,
+)
 from stages.model.checkpoint import resolve_model
 from stages.model.models import load_tokenizer
 from stages.prune import streams
@@ -177,16 +186,21 @@ def prune_one(cfg: PruneConfig, run: Run, i: int, sparsity: float) -> dict:
             )
             forward_next(block)
     save_block(run.block_file(i), block.state_dict(), stored, prefix)
+    files = [run.block_file(i)]
+    grids = {f"{prefix}{name}": st.grid for name, st in stats.items() if st.grid is not None}
+    if grids:
+        save_grids(run.grid_file(i), grids)
+        files.append(run.grid_file(i))
     payload = {
         "block": i,
         "seconds": time.perf_counter() - t0,
         # boundaries verified and written while pruning it, plus its own file, which write_record hashes next
-        "bytes_hashed": bytes_hashed() - h0 + run.block_file(i).stat().st_size,
-        "layers": {k: asdict(v) for k, v in stats.items()},
+        "bytes_hashed": bytes_hashed() - h0 + sum(f.stat().st_size for f in files),
+        "layers": {k: v.record() for k, v in stats.items()},
     }
     if recon is not None:
         payload["reconstruct"] = asdict(recon)
-    record = write_record(run.block_record(i), payload, [run.block_file(i)])
+    record = write_record(run.block_record(i), payload, files)
     prune_old(run.root / "acts", "block_*", keep_last=cfg.runtime.keep_acts)
     prune_old(run.root / "dense", "block_*", keep_last=cfg.runtime.keep_acts)
     shutil.rmtree(run.root / "recon", ignore_errors=True)

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 
 import torch
 from torch import nn
 
 from sparsegpt import (
     PruneResult,
+    QuantGrid,
     accumulate_diagonal,
     accumulate_hessian,
     magnitude_prune,
@@ -48,6 +49,12 @@ class LayerStats:
     """(out_features, in_features)."""
     seconds: float
     """Wall time of the solve."""
+    grid: QuantGrid | None = field(default=None, repr=False, compare=False)
+    """The quantization grid of joint quantization (saved beside the block, not in its record)."""
+
+    def record(self) -> dict:
+        """The JSON-able fields, for the block record."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "grid"}
 
 
 class _StopPass(Exception):
@@ -224,4 +231,5 @@ def prune_layer(layer: nn.Module, H: torch.Tensor, cfg: SolverConfig, sparsity: 
         percdamp=res.percdamp,
         shape=tuple(W.shape),
         seconds=seconds,
+        grid=res.grid,
     )

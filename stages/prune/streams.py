@@ -69,6 +69,10 @@ class Run:
     def block_file(self, i: int) -> Path:
         return self.root / "blocks" / f"block_{i:03d}.safetensors"
 
+    def grid_file(self, i: int) -> Path:
+        """Joint quantization's grids of block i (`--wbits`), what a packed export needs."""
+        return self.root / "blocks" / f"block_{i:03d}.grid.safetensors"
+
     def block_record(self, i: int) -> Path:
         return self.root / "blocks" / f"block_{i:03d}.json"
 

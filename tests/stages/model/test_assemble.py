@@ -134,7 +134,7 @@ def test_streamed_shards_hold_one_block_and_keep_dtypes(
             alive.extend(weakref.ref(t) for t in out.values())
             return out
 
-        return asm._Unit(unit.layout, load)
+        return asm.Unit(unit.layout, load)
 
     monkeypatch.setattr(asm, "_block_unit", tracking_unit)
     out = assemble(bf16, blocks, tmp_path / "m")  # one shard: every block streams into the same file

@@ -111,7 +111,7 @@ def install_assemble_kill() -> None:
             die(f"assemble {Path(path).parent.name}/{Path(path).name}")
 
         if len(units) > 1:
-            units = [*units[:-1], stages.model.assemble._Unit(units[-1].layout, dying_load)]
+            units = [*units[:-1], stages.model.assemble.Unit(units[-1].layout, dying_load)]
         real(path, units)
         die(f"assemble {Path(path).parent.name}/{Path(path).name}")
 
