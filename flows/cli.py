@@ -5,7 +5,7 @@
     sparsegpt progressive MODEL --run-dir runs/p --schedule 0.5,0.6,0.7,0.8 [--tokens-per-round N] ...
     sparsegpt report runs/x [runs/y ...] [--out DIR]
     sparsegpt status runs/x
-    sparsegpt export runs/x [--format hf] [--out DIR]
+    sparsegpt export runs/x [--format hf|compressed-tensors|gguf] [--gguf-type f16|q8_0|q4_0] [--out DIR]
 
 Bad input ends with one line `error: ...` naming the problem and the fix, exit code 2.
 """
@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from flows.options import add_options, build, command_config
+from stages.config.parts import EXPORT_FORMATS, GGUF_TYPES
 
 T0 = time.perf_counter()
 
@@ -165,7 +166,7 @@ def _report(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     from stages.export.export import export_run
 
-    print(export_run(Path(args.run_dir), args.format, args.out))
+    print(export_run(Path(args.run_dir), args.format, args.out, args.gguf_type))
     return 0
 
 
@@ -188,7 +189,13 @@ def main(argv: list[str] | None = None) -> int:
     st.add_argument("run_dir")
     ex = sub.add_parser("export", help="a finished prune run as a checkpoint to serve, with a model card")
     ex.add_argument("run_dir", metavar="RUN_DIR")
-    ex.add_argument("--format", default="hf", choices=("hf",), help="hf: safetensors checkpoint (default)")
+    ex.add_argument(
+        "--format",
+        default="hf",
+        choices=EXPORT_FORMATS,
+        help="hf: safetensors (default); compressed-tensors: a --wbits run packed (vLLM); gguf: llama.cpp",
+    )
+    ex.add_argument("--gguf-type", default="f16", choices=GGUF_TYPES, help="GGUF matrix type")
     ex.add_argument("--out", default=None, help="the export folder (default: RUN_DIR/export-FORMAT)")
     for command in sub.choices.values():
         command.add_argument("--debug", action="store_true", help="tracebacks for user errors too (SPARSEGPT_DEBUG=1)")

@@ -9,7 +9,8 @@ config hash, the stage and the block index (only once the stage's record exists)
 so a retried flow run shows finished tasks as "Cached". While blocks are pruned, a
 tqdm bar (`cfg.runtime.progress`) and a Prefect progress artifact show where the run stands;
 a second progress artifact moves during evaluation, one step per (model, SPEC). At
-the end the flow writes the run's report (`stages.report.report`) and publishes the metrics
+the end the flow writes the run's report (`stages.report.report`), exports the run with `--export FORMAT`
+(`stages.export.export`: skipped when that export of the same model is there) and publishes the metrics
 (Markdown and table artifacts) and the report's Markdown.
 """
 
@@ -27,6 +28,7 @@ from flows.errors import reports_user_errors
 from stages.config import PruneConfig
 from stages.evaluate.evaluate import evaluate_run
 from stages.evaluate.lm_eval_layout import dense_path, prune_layouts, write_results
+from stages.export.export import export_run
 from stages.prune import oneshot as st
 from stages.prune.check import check as check_prune
 from stages.run.identity import config_hash
@@ -142,6 +144,12 @@ def write_lm_eval(cfg: PruneConfig, run: st.Run, metrics: dict) -> None:
     write_results(dense_path(cfg.eval.out), dense)
 
 
+@task(name="export")
+def export(cfg: PruneConfig) -> str:
+    """`sparsegpt export --format FORMAT` of the finished run (RUN_DIR/export-FORMAT); done once per model."""
+    return str(export_run(cfg.run_dir, cfg.runtime.export, None, cfg.runtime.gguf_type))
+
+
 @task(name="report")
 def report(cfg: PruneConfig) -> str:
     """Write eval/report.{md,html} and the PNGs; return the Markdown with image links as file paths."""
@@ -184,5 +192,7 @@ def oneshot(cfg: PruneConfig) -> dict:
         if cfg.eval.out:
             write_lm_eval(cfg, run, metrics)
         report_md = report(cfg)
+        if cfg.runtime.export:
+            export(cfg)
     publish_metrics(metrics, cfg, report_md)
     return metrics

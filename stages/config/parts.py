@@ -22,6 +22,9 @@ Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 METHODS = ("sparsegpt", "wanda", "magnitude")
 Target = Literal["dense-stream", "dense-block"]
+EXPORT_FORMATS = ("hf", "compressed-tensors", "gguf")
+GGUF_TYPES = ("f16", "q8_0", "q4_0")
+GgufType = Literal["f16", "q8_0", "q4_0"]
 TARGETS = ("dense-stream", "dense-block")
 
 
@@ -236,8 +239,17 @@ class PruneRuntime(RuntimeConfig):
     forward's intermediates (SmolLM2, 512 tokens: +44 MiB instead of +162 MiB)."""
     keep_acts: int = 2
     """Activation boundaries kept on disk (older ones are deleted as the run proceeds)."""
+    export: str | None = opt(None, metavar="FORMAT")
+    """At the end of a prune, export the run as `sparsegpt export --format FORMAT` does (hf,
+    compressed-tensors, gguf) into RUN_DIR/export-FORMAT; refused by progressive runs."""
+    gguf_type: GgufType = "f16"
+    """Matrix type of a GGUF export: f16, q8_0 or q4_0."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
         _positive(self, "batch_size")
         _positive(self, "keep_acts", low=2)
+        if self.export is not None and self.export not in EXPORT_FORMATS:
+            raise ValueError(f"--export must be one of {', '.join(EXPORT_FORMATS)}, got {self.export!r}")
+        if self.gguf_type not in GGUF_TYPES:
+            raise ValueError(f"--gguf-type must be one of {', '.join(GGUF_TYPES)}, got {self.gguf_type!r}")

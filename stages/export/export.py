@@ -1,25 +1,33 @@
 """Export a finished run: the pruned checkpoint as users serve it, with a model card.
 
-    export_run(RUN_DIR, "hf", out=None) -> OUT   (default RUN_DIR/export-hf)
+    export_run(RUN_DIR, "hf", out=None) -> OUT   (default RUN_DIR/export-FORMAT)
 
-`hf` is the plain safetensors checkpoint of `model/` (hard-linked, not copied), plus
-`README.md` (a Hub model card: YAML header with the base model, library and tags; then
-method, sparsity overall and per layer type, pattern, bits, calibration data and size,
-and the dense-vs-pruned evaluation table of `eval/metrics.json` when there is one) and
-`sparsity.json` (each pruned layer's sparsity, shape and pattern). The folder is built
-under a temporary name and renamed into place, so a half-written export is never found.
-Packed quantized formats (compressed-tensors, GGUF) are the rest of issue 15.
+Formats: `hf` is the plain safetensors checkpoint of `model/` (hard-linked, not copied);
+`compressed-tensors` packs a `--wbits` run's integer weights (`stages.export.packed`); `gguf`
+writes one GGUF file for llama.cpp (`stages.export.gguf`). Every export adds `README.md` (a Hub
+model card: YAML header with the base model, library and tags; then method, sparsity overall and
+per layer type, pattern, bits, calibration data and size, and the dense-vs-pruned evaluation table
+of `eval/metrics.json` when there is one), `sparsity.json` (each pruned layer's sparsity, shape and
+pattern) and `export.json` (the run and format it came from: an existing `--out` is replaced only
+when it is an earlier export of the same run). The folder is built under a temporary name and
+renamed into place, so a half-written export is never found.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 from pathlib import Path
 from typing import Any
 
+from stages.config.parts import EXPORT_FORMATS
 from stages.evaluate.evaluate import sparsity_report
+from stages.export.gguf import write_gguf
+from stages.export.packed import write_compressed_tensors
+from stages.model.checkpoint import INDEX_NAME
+from stages.model.embedded import DEFAULT_MODEL, gguf_path
 from stages.run.rundir import (
     RUN_JSON,
     RunError,
@@ -30,7 +38,9 @@ from stages.run.rundir import (
     verify_record,
 )
 
-FORMATS = ("hf",)
+EXPORT_JSON = "export.json"
+PLOT = "ppl-vs-sparsity.png"
+"""The report's plot, copied beside the card when the run has one."""
 
 
 def _records(run_dir: Path) -> list[dict]:
@@ -54,15 +64,39 @@ def sparsity_table(records: list[dict], options: dict[str, Any]) -> dict[str, An
     }
 
 
-def model_card(options: dict[str, Any], table: dict[str, Any], metrics: dict[str, Any] | None) -> str:
+def _storage(fmt: str, bits: int, stamp: dict[str, Any]) -> str:
+    """How the weights are stored, for the card."""
+    if fmt == "gguf":
+        return f"GGUF `{stamp['gguf']['type']}` for llama.cpp (`{stamp['gguf']['file']}`)"
+    if fmt == "compressed-tensors":
+        p = stamp["packed"]
+        grid = "per output channel" if p["strategy"] == "channel" else f"groups of {p['group_size']}"
+        return (
+            f"compressed-tensors `pack-quantized` W{bits}A16 (asymmetric, {grid}, the run's own scales and zero"
+            " points: no re-quantization)"
+        )
+    return "safetensors, de-quantized" if bits < 16 else "safetensors"
+
+
+def model_card(
+    options: dict[str, Any],
+    table: dict[str, Any],
+    metrics: dict[str, Any] | None,
+    fmt: str = "hf",
+    stamp: dict[str, Any] | None = None,
+    plot: str | None = None,
+) -> str:
     """README.md of the export: the Hub's YAML header, then what was done and how it scores."""
     base = str(options.get("model", ""))
     bits = int(options.get("wbits") or 16)
     tags = ["sparsegpt", "pruned", f"sparsity-{round(100 * table['overall'])}"]
     if table["pattern"] != "unstructured":
         tags.append(f"n-m-{table['pattern'].replace(':', '-')}")
+    if fmt != "hf":
+        tags += [fmt] + ([f"w{bits}a16"] if fmt == "compressed-tensors" else [])
     header = ["---", f"base_model: {base}" if "/" in base and not base.startswith(("/", ".")) else None]
-    header += ["library_name: transformers", "tags:", *[f"- {t}" for t in tags], "---"]
+    library = "gguf" if fmt == "gguf" else "transformers"
+    header += [f"library_name: {library}", "tags:", *[f"- {t}" for t in tags], "---"]
     lines = [line for line in header if line is not None]
     method = options.get("method", "sparsegpt")
     lines += [
@@ -71,7 +105,8 @@ def model_card(options: dict[str, Any], table: dict[str, Any], metrics: dict[str
         "",
         f"- Base model: `{base}`",
         f"- Method: {method} (one-shot, per-layer second-order solve), pattern {table['pattern']}"
-        + (f", jointly quantized to {bits} bits (stored de-quantized)" if bits < 16 else ""),
+        + (f", jointly quantized to {bits} bits" if bits < 16 else ""),
+        f"- Weights: {_storage(fmt, bits, stamp or {})}",
         f"- Sparsity of the pruned linear layers: {100 * table['overall']:.2f}% overall",
         f"- Calibration: `{options.get('calib')}`, {options.get('nsamples')} samples x {options.get('seqlen')} tokens,"
         f" seed {options.get('seed')}",
@@ -93,34 +128,63 @@ def model_card(options: dict[str, Any], table: dict[str, Any], metrics: dict[str
                     rows.append(f"| {name} {key} (n={pruned['n']}) | {dense[key]:.4f} | {pruned[key]:.4f} |")
         if rows:
             lines += ["", "## Evaluation", "", "| metric | dense | pruned |", "|---|---|---|", *rows]
+    if plot:
+        lines += ["", f"![perplexity against sparsity]({plot})"]
     lines += ["", "Pruned with sparsegpt-pipeline (SparseGPT, Frantar & Alistarh, 2023).", ""]
     return "\n".join(lines)
 
 
-def export_run(run_dir: Path | str, fmt: str = "hf", out: Path | str | None = None) -> Path:
-    """Write the export of a finished one-shot run; return its folder."""
+def export_run(run_dir: Path | str, fmt: str = "hf", out: Path | str | None = None, gguf_type: str = "f16") -> Path:
+    """Write the export of a finished one-shot run in format ``fmt``; return its folder."""
     run_dir = Path(run_dir)
-    if fmt not in FORMATS:
-        raise ValueError(f"export format {fmt!r} is not supported; choose one of {', '.join(FORMATS)}")
+    if fmt not in EXPORT_FORMATS:
+        raise ValueError(f"export format {fmt!r} is not supported; choose one of {', '.join(EXPORT_FORMATS)}")
     if not (run_dir / RUN_JSON).is_file():
         raise RunError(f"{run_dir} holds no {RUN_JSON}; pass the --run-dir of a sparsegpt prune run")
     model = run_dir / "model"
     if verify_record(run_dir / "model.json", quick=True) is None or not model.is_dir():
         raise RunError(f"{run_dir} has no assembled model/; rerun its prune command to finish it, then export")
-    options = json.loads((run_dir / RUN_JSON).read_text(encoding="utf-8")).get("options", {})
+    run = json.loads((run_dir / RUN_JSON).read_text(encoding="utf-8"))
+    options = run.get("options", {})
+    bits = int(options.get("wbits") or 16)
+    if fmt == "compressed-tensors" and bits == 16:
+        raise RunError(
+            f"{run_dir} was pruned without --wbits, so there are no integer weights to pack; prune with --wbits 4"
+            " or 8 for --format compressed-tensors, or export --format hf"
+        )
     out = Path(out) if out is not None else run_dir / f"export-{fmt}"
+    stamp = {
+        "run": str(run_dir.resolve()),
+        "config_hash": run.get("config_hash"),
+        "model": hashlib.sha256((run_dir / "model.json").read_bytes()).hexdigest(),
+        "format": fmt,
+        **({"gguf_type": gguf_type} if fmt == "gguf" else {}),
+    }
+    if _check_out(out, run_dir, stamp):
+        return out  # this export of this model is there already (a resumed flow's export task)
     metrics_path = run_dir / "eval" / "metrics.json"
     metrics = json.loads(metrics_path.read_text(encoding="utf-8")) if metrics_path.is_file() else None
     table = sparsity_table(_records(run_dir), options)
+    trust = bool(options.get("trust_remote_code"))
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        for f in sorted(model.iterdir()):
-            if f.is_file():
-                link_or_copy(f, tmp / f.name)
-        (tmp / "README.md").write_text(model_card(options, table, metrics), encoding="utf-8")
+        if fmt == "hf":
+            stamp["files"] = _link(model, tmp, skip=())
+        elif fmt == "compressed-tensors":
+            stamp["packed"] = write_compressed_tensors(run_dir, model, tmp, trust)
+            _link(model, tmp, skip=(".safetensors", INDEX_NAME, "config.json"))
+        else:
+            source = gguf_path() if options.get("model") == DEFAULT_MODEL else None  # it came in as GGUF
+            stamp["gguf"] = write_gguf(model, tmp / f"{_stem(options)}-{gguf_type}.gguf", gguf_type, source)
+        plot = run_dir / "eval" / PLOT
+        if plot.is_file():
+            link_or_copy(plot, tmp / PLOT)
+        card = model_card(options, table, metrics, fmt, stamp, PLOT if plot.is_file() else None)
+        (tmp / "README.md").write_text(card, encoding="utf-8")
         atomic_write_json(tmp / "sparsity.json", table)
+        atomic_write_json(tmp / EXPORT_JSON, stamp)
         fsync_tree(tmp)
         if out.exists():
             shutil.rmtree(out)
@@ -129,3 +193,31 @@ def export_run(run_dir: Path | str, fmt: str = "hf", out: Path | str | None = No
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def _check_out(out: Path, run_dir: Path, stamp: dict[str, Any]) -> bool:
+    """Whether ``out`` holds this very export already; an existing ``out`` is replaced only when it is an
+    earlier export of this run (any format)."""
+    if not out.exists():
+        return False
+    try:
+        earlier = json.loads((out / EXPORT_JSON).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        earlier = {}
+    if earlier.get("config_hash") != stamp["config_hash"] or earlier.get("run") != stamp["run"]:
+        raise RunError(f"{out} exists and is not an export of {run_dir}; pass another --out or remove it")
+    return all(earlier.get(k) == v for k, v in stamp.items())
+
+
+def _link(model: Path, folder: Path, skip: tuple[str, ...]) -> list[str]:
+    """Hard-link model/'s files into ``folder``, except names ending with one of ``skip``; return their names."""
+    names = []
+    for f in sorted(model.iterdir()):
+        if f.is_file() and not f.name.endswith(skip):
+            link_or_copy(f, folder / f.name)
+            names.append(f.name)
+    return names
+
+
+def _stem(options: dict[str, Any]) -> str:
+    return Path(str(options.get("model") or "model")).name.replace(" ", "-") or "model"

@@ -49,6 +49,8 @@ def check(cfg: PruneConfig) -> tuple[Path, Skeleton, torch.dtype]:
     check_nm_hidden(cfg, config)
     check_teacher(cfg, config)
     check_sequential_fits(cfg, config, dtype)
+    if cfg.runtime.export == "compressed-tensors" and cfg.solver.quant is None:
+        raise ValueError("--export compressed-tensors packs quantized weights: add --wbits 4 (or 8), or --export hf")
     # the first import of torch and transformers' modeling code: the model built on the meta device
     from stages.model.blocks import skeleton
     from stages.model.models import compute_dtype

@@ -399,3 +399,18 @@ def test_cli_eval_prints_perplexity_and_task_tables(reference, capsys, tmp_path)
     assert f"| pydoc | 2 x 32 | {metrics['pydoc']['ppl']:.2f} |" in out
     if TASKS:
         assert f"| boolq | 2 | acc | {metrics['tasks']['boolq']['pruned']['acc']:.4f} |" in out
+
+
+def test_export_task_runs_once_per_model(reference):
+    """`--export hf` adds an export task after the report; a rerun of the finished run finds it done."""
+    cfg, _, _ = reference
+    run_dir = Path(cfg.run_dir)
+    state = oneshot(cfg.updated(progress=False, export="hf"), return_state=True)
+    assert state.is_completed()
+    stamp = run_dir / "export-hf" / "export.json"
+    assert json.loads(stamp.read_text())["format"] == "hf" and (run_dir / "export-hf" / "README.md").is_file()
+    before = stamp.stat().st_mtime_ns
+    assert oneshot(cfg.updated(progress=False, export="hf"), return_state=True).is_completed()
+    assert stamp.stat().st_mtime_ns == before
+    tasks = task_states(state.state_details.flow_run_id, expected=N_TASKS + 1)
+    assert tasks["export"] == "Completed"
