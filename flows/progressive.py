@@ -9,6 +9,9 @@ finishes at most `cfg.runtime.rounds_per_run` rounds, and logs that there is not
 once the schedule is complete. The `sparsegpt-progressive` deployment in prefect.yaml
 runs it on a cron schedule with a concurrency limit of 1.
 
+With `--export FORMAT` a finished schedule is exported (`stages.export.export`, its final model;
+skipped when that export is there).
+
 Artifacts: a progress artifact over the rounds' steps (it moves every fine-tuning
 step) and a markdown table of every finished round.
 """
@@ -23,6 +26,7 @@ from flows.artifacts import RoundsProgress, publish_progressive, report_markdown
 from flows.errors import reports_user_errors
 from flows.oneshot import oneshot
 from stages.config import PruneConfig
+from stages.export.export import export_run
 from stages.progressive import rounds as pg
 from stages.run.rundir import RunLock, sweep_tmp
 
@@ -81,6 +85,12 @@ def _steps(cfg: pg.ProgressiveConfig, progress: RoundsProgress) -> pg.RoundSteps
     return pg.RoundSteps(prune=prune, mask=mask, finetune=finetune, evaluate=evaluate_step)
 
 
+@task(name="export")
+def export(cfg: pg.ProgressiveConfig) -> str:
+    """`sparsegpt export --format FORMAT` of the finished schedule (RUN_DIR/export-FORMAT); done once per model."""
+    return str(export_run(cfg.run_dir, cfg.runtime.export, None, cfg.runtime.gguf_type))
+
+
 @task(name="check")
 def check(cfg: pg.ProgressiveConfig) -> None:
     """Refuse bad input before any work (the CLI has run the same check before Prefect started)."""
@@ -113,6 +123,8 @@ def progressive(cfg: pg.ProgressiveConfig) -> dict:
         final_tasks(cfg)
         s = pg.write_summary(cfg)
         report_md = report(cfg) if s["rounds"] else None
+        if cfg.runtime.export and s["complete"]:
+            export(cfg)
     message = pg.progress_message(cfg, todo)
     logger.info(message)
     publish_progressive(pg.summary_markdown(s), message, report_md, cfg.run_dir)

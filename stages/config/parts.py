@@ -240,8 +240,8 @@ class PruneRuntime(RuntimeConfig):
     keep_acts: int = 2
     """Activation boundaries kept on disk (older ones are deleted as the run proceeds)."""
     export: str | None = opt(None, metavar="FORMAT")
-    """At the end of a prune, export the run as `sparsegpt export --format FORMAT` does (hf,
-    compressed-tensors, gguf) into RUN_DIR/export-FORMAT; refused by progressive runs."""
+    """At the end of the run, export it as `sparsegpt export --format FORMAT` does (hf,
+    compressed-tensors, gguf) into RUN_DIR/export-FORMAT (a progressive run: its final model, hf or gguf)."""
     gguf_type: GgufType = "f16"
     """Matrix type of a GGUF export: f16, q8_0 or q4_0."""
 

@@ -17,8 +17,11 @@ def check(cfg: ProgressiveConfig) -> Path:
     """Refuse what the arguments, the dense model's config and the run directory show to be wrong; return
     the dense model's directory. Writes nothing."""
     seqlens = {"seqlen": cfg.calib.seqlen, "eval_seqlen": cfg.eval_seqlen, "finetune_seqlen": cfg.finetune.seqlen}
-    if cfg.runtime.export is not None:
-        raise ValueError("--export works on prune runs only; drop it and export a round's prune/ run directory")
+    if cfg.runtime.export == "compressed-tensors":
+        raise ValueError(
+            "--export compressed-tensors packs --wbits runs, and progressive rounds do not quantize;"
+            " use --export hf or gguf"
+        )
     model_dir, config = check_model(cfg.model, cfg.trust_remote_code, cfg.runtime.device, seqlens)
     check_run(cfg.root(), cfg.identity(), upgrade=ProgressiveConfig.upgrade)
     if cfg.finetunes:

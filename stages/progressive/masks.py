@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -51,3 +52,21 @@ def read_mask(path: Path) -> dict[str, torch.Tensor]:
         bits = np.unpackbits(packed[name].numpy(), count=math.prod(shape)).astype(bool)
         out[name] = torch.from_numpy(bits).reshape(shape)
     return out
+
+
+def mask_records(path: Path) -> list[dict]:
+    """Per-layer sparsity of a mask file in the block records' layout (``[{"block": i, "layers": {name:
+    {"shape", "sparsity"}}}]``), counted on the packed bits one tensor at a time."""
+    from safetensors import safe_open
+
+    blocks: dict[int, dict] = {}
+    with safe_open(str(path), "pt") as f:
+        shapes = json.loads(f.metadata()["shapes"])
+        for key, shape in shapes.items():
+            m = re.match(r"^.*?\.(\d+)\.(.+)\.weight$", key)
+            if m is None:
+                raise ValueError(f"{path}: mask key {key!r} does not name a block's weight")
+            bits = np.unpackbits(f.get_tensor(key).numpy(), count=math.prod(shape))
+            layer = {"shape": shape, "sparsity": float(bits.sum()) / max(bits.size, 1)}
+            blocks.setdefault(int(m.group(1)), {})[m.group(2)] = layer
+    return [{"block": i, "layers": blocks[i]} for i in sorted(blocks)]

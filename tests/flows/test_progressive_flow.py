@@ -52,7 +52,8 @@ def tiny_cfg(model_dir: Path, run_dir: Path, **kw) -> ProgressiveConfig:
 
 
 def test_flow_advances_one_round_per_run_and_publishes_the_curve(tiny_llama_dir, tmp_path, monkeypatch):
-    cfg = tiny_cfg(tiny_llama_dir, tmp_path / "p")
+    cfg = tiny_cfg(tiny_llama_dir, tmp_path / "p", export="hf")
+    out = tmp_path / "p" / "export-hf"
     sent: list[float] = []
     real_update = artifacts.update_progress_artifact
     monkeypatch.setattr(
@@ -67,15 +68,27 @@ def test_flow_advances_one_round_per_run_and_publishes_the_curve(tiny_llama_dir,
     first = progressive(cfg)
     assert first["done_now"] == [1] and first["remaining"] == 1 and "run again" in first["message"]
     assert sent and sent[-1] == pytest.approx(100.0) and sent == sorted(sent)
+    assert not out.exists()  # the schedule is not finished: nothing to export yet
     second = progressive(cfg)
     assert second["done_now"] == [2] and second["remaining"] == 0
+    final = cfg.round_model(2)
+    assert final.parent.name == "finetune"
+    for f in final.iterdir():
+        assert os.path.samefile(f, out / f.name)  # the final (fine-tuned) model, linked
+    stamp = (out / "export.json").read_text()
     state = progressive(cfg, return_state=True)
     third, third_run = state.result(), state.state_details.flow_run_id
     assert third["done_now"] == [] and "nothing to do" in third["message"]
+    assert (out / "export.json").read_text() == stamp  # found done, not written again
 
     rows = third["summary"]["rounds"]
     assert [r["target"] for r in rows] == [0.4, 0.6] and all(r["steps"] == 2 for r in rows)
     assert rows == json.loads((tmp_path / "p" / "summary.json").read_text())["rounds"]
+    card = (out / "README.md").read_text()
+    assert "- Method: progressive SparseGPT, 2 rounds (0.4, 0.6), recovery distill, pattern unstructured" in card
+    dense = third["summary"]["dense"]["pydoc"]
+    assert f"| perplexity pydoc (2 x 32) | {dense['ppl']:.3f} | {rows[1]['ppl_after']['pydoc']:.3f} |" in card
+    assert json.loads((out / "sparsity.json").read_text())["overall"] == pytest.approx(rows[1]["sparsity"])
     with get_client(sync_client=True) as client:
         arts = client.read_artifacts(
             artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["sparsegpt-progressive"]))

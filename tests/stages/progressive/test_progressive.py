@@ -15,6 +15,8 @@ import torch
 from safetensors.torch import load_file
 
 import stages.finetune.finetune as finetune_mod
+from stages.export.export import export_run
+from stages.progressive.masks import mask_records
 from stages.progressive.rounds import (
     ProgressiveConfig,
     RoundPaths,
@@ -89,6 +91,9 @@ def test_rounds_grow_the_mask_keep_it_through_finetuning_and_advance_per_run(tin
         re.search(r"round 1 \(0\.3\): done, sparsity 0\.\d{4}, 192 tokens", status) and "round 2 (0.5): done" in status
     )
     assert "round 3 (0.7): not started" in status
+    with pytest.raises(RunError, match=r"has finished 2 of its 3 rounds; rerun its progressive command"):
+        export_run(tmp_path / "p")
+    assert not (tmp_path / "p" / "export-hf").exists()
     second = run_progressive(cfg)
     assert second.done_now == [3] and second.remaining == 0
     third = run_progressive(cfg)
@@ -118,7 +123,20 @@ def test_rounds_grow_the_mask_keep_it_through_finetuning_and_advance_per_run(tin
         after = verify_record(paths.eval / "after-pydoc-s32-w2.json")["ppl"]
         assert rows[k - 1]["ppl_before"] == {"pydoc": before} and rows[k - 1]["ppl_after"] == {"pydoc": after}
         assert not (paths.prune / "acts").exists() and not (paths.prune / "blocks").exists()
+        counted = {
+            f"model.layers.{r['block']}.{n}.weight": st
+            for r in mask_records(paths.mask)
+            for n, st in r["layers"].items()
+        }
+        assert counted.keys() == mask.keys()
+        for name, m in mask.items():
+            assert counted[name] == {"shape": list(m.shape), "sparsity": pytest.approx(float(m.float().mean()))}
         previous = mask
+    with pytest.raises(RunError, match="progressive run, whose rounds do not quantize"):
+        export_run(tmp_path / "p", "compressed-tensors")
+    out = export_run(tmp_path / "p")
+    assert {f.name for f in out.iterdir()} >= {f.name for f in (paths.finetune / "model").iterdir()}
+    assert json.loads((out / "sparsity.json").read_text())["overall"] == pytest.approx(rows[2]["sparsity"])
     assert set(dense) == set(tuned)  # the round model is a whole checkpoint
     shared = tmp_path / "p" / "data" / "finetune-s32.arrow"  # tokenized once, linked into every round
     assert all(
@@ -240,6 +258,8 @@ def test_cli_rejects_bad_progressive_settings_with_one_line(tmp_path, capsys):
     assert "either --schedule or --nm" in capsys.readouterr().err
     assert main(["progressive", "m", "--run-dir", str(tmp_path / "p"), "--kl-weight", "-1"]) == 2
     assert "loss weight kl must be a finite number >= 0" in capsys.readouterr().err
+    assert main(["progressive", "m", "--run-dir", str(tmp_path / "p"), "--export", "compressed-tensors"]) == 2
+    assert "progressive rounds do not quantize; use --export hf or gguf" in capsys.readouterr().err
     assert not (tmp_path / "p").exists()
 
 
