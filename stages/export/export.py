@@ -33,6 +33,7 @@ from stages.export.gguf import write_gguf
 from stages.export.packed import write_compressed_tensors
 from stages.model.checkpoint import INDEX_NAME
 from stages.model.embedded import DEFAULT_MODEL, gguf_path
+from stages.progressive.config import round_dir
 from stages.progressive.masks import mask_records
 from stages.run.rundir import (
     RUN_JSON,
@@ -204,11 +205,11 @@ def _progressive_source(run_dir: Path, run: dict[str, Any], fmt: str) -> Source:
     """A finished progressive run: its last round's model, described by that round's prune run and the summary."""
     popts = run.get("options", {})
     schedule = [str(e) for e in popts["schedule"]]
-    last = run_dir / "rounds" / f"round_{len(schedule):02d}"
+    last = round_dir(run_dir, len(schedule))
     done = verify_record(last / "round.json", quick=True)
     if done is None:
         finished = sum(
-            verify_record(run_dir / "rounds" / f"round_{k:02d}" / "round.json", quick=True) is not None
+            verify_record(round_dir(run_dir, k) / "round.json", quick=True) is not None
             for k in range(1, len(schedule) + 1)
         )
         raise RunError(

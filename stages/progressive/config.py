@@ -54,6 +54,11 @@ Recovery = Literal["distill", "reconstruct", "both"]
 RECOVERIES = ("distill", "reconstruct", "both")
 
 
+def round_dir(root: Path, k: int) -> Path:
+    """Round k's folder inside a progressive run directory."""
+    return Path(root) / "rounds" / f"round_{k:02d}"
+
+
 def parse_schedule(entries: tuple[str | float, ...] | str) -> tuple[str, ...]:
     """``"0.5,0.6"`` or ``[0.5, "0.6"]`` -> ``("0.5", "0.6")``; N:M entries (``"2:8,4:8"``) stay patterns.
 
@@ -173,7 +178,7 @@ class ProgressiveConfig(Tree):
         return Path(self.run_dir)
 
     def round_dir(self, k: int) -> Path:
-        return self.root() / "rounds" / f"round_{k:02d}"
+        return round_dir(self.root(), k)
 
     def round_model(self, k: int) -> Path:
         """The model a finished round k hands on (round 0: the dense model's directory)."""
