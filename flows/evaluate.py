@@ -13,7 +13,7 @@ from flows.artifacts import move, new_progress, publish_eval
 from flows.errors import reports_user_errors
 from stages.config import EvaluateConfig
 from stages.data.specs import parse_spec
-from stages.evaluate.cache import read_shared, shared_record, write_shared
+from stages.evaluate.cache import entry_lock, read_shared, shared_record, write_shared
 from stages.evaluate.check import check as check_evaluate
 from stages.evaluate.evaluate import blockwise_perplexity, evaluated_on, score_tasks
 from stages.evaluate.lm_eval_layout import lm_eval_results, write_results
@@ -31,17 +31,19 @@ def perplexity(cfg: EvaluateConfig, model_dir: str, spec: str) -> dict:
     dtype = compute_dtype(rt.device, Path(model_dir), rt.dtype)
     where = evaluated_on(dtype, rt.device)
     shared = shared_record("ppl", Path(model_dir), spec, seqlen=cfg.eval_seqlen, windows=ev.windows, **where)
-    out = read_shared(shared) if rt.cache else None
-    if out is None:
-        tok = load_tokenizer(model_dir, cfg.trust_remote_code)
-        ids = eval_windows(tok, spec, cfg.eval_seqlen, ev.windows)
-        t0 = time.perf_counter()
-        res = blockwise_perplexity(
-            Path(model_dir), ids, rt.device, dtype, ev.batch_size, True, parse_spec(spec).label, cfg.trust_remote_code
-        )
-        out = {**res.to_dict(), "seconds": time.perf_counter() - t0, **where}
-        if rt.cache:
-            write_shared(shared, out)
+    with entry_lock(shared if rt.cache else None):
+        out = read_shared(shared) if rt.cache else None
+        if out is None:
+            tok = load_tokenizer(model_dir, cfg.trust_remote_code)
+            ids = eval_windows(tok, spec, cfg.eval_seqlen, ev.windows)
+            t0 = time.perf_counter()
+            label = parse_spec(spec).label
+            res = blockwise_perplexity(
+                Path(model_dir), ids, rt.device, dtype, ev.batch_size, True, label, cfg.trust_remote_code
+            )
+            out = {**res.to_dict(), "seconds": time.perf_counter() - t0, **where}
+            if rt.cache:
+                write_shared(shared, out)
     get_run_logger().info("%s: ppl %.4f over %d x %d tokens", spec, out["ppl"], out["windows"], out["seqlen"])
     return out
 

@@ -26,7 +26,7 @@ from stages.config import PruneConfig, RuntimeConfig
 from stages.config.tree import to_flat
 from stages.data.specs import parse_spec
 from stages.data.tasks import parse_task_specs
-from stages.evaluate.cache import read_shared, shared_record, write_shared
+from stages.evaluate.cache import entry_lock, read_shared, shared_record, write_shared
 from stages.evaluate.perplexity import Perplexity, eval_windows
 from stages.evaluate.tasks.blockwise import Blockwise
 from stages.evaluate.tasks.zeroshot import evaluate_tasks
@@ -108,21 +108,22 @@ def perplexity_cached(
     shared = None
     if dense and runtime.cache:
         shared = shared_record("ppl", model_dir, spec, seqlen=seqlen, windows=max_windows, **where)
-        done = read_shared(shared)
+    with entry_lock(shared):
+        done = read_shared(shared) if shared is not None else None
         if done is not None:
             write_record(cache, done, [])
             return done
-    tok = load_tokenizer(model_dir, trust_remote_code)
-    windows = eval_windows(tok, spec, seqlen, max_windows)
-    release_memory()  # tokenizing the corpus leaves a large freed heap behind
-    t0 = time.perf_counter()
-    res = blockwise_perplexity(
-        model_dir, windows, runtime.device, dtype, batch_size, runtime.progress, desc, trust_remote_code
-    )
-    release_memory()
-    out = {**res.to_dict(), "seconds": time.perf_counter() - t0, **where}
-    if shared is not None:
-        write_shared(shared, out)
+        tok = load_tokenizer(model_dir, trust_remote_code)
+        windows = eval_windows(tok, spec, seqlen, max_windows)
+        release_memory()  # tokenizing the corpus leaves a large freed heap behind
+        t0 = time.perf_counter()
+        res = blockwise_perplexity(
+            model_dir, windows, runtime.device, dtype, batch_size, runtime.progress, desc, trust_remote_code
+        )
+        release_memory()
+        out = {**res.to_dict(), "seconds": time.perf_counter() - t0, **where}
+        if shared is not None:
+            write_shared(shared, out)
     write_record(cache, out, [])
     return out
 
@@ -174,23 +175,23 @@ def score_tasks(
         done = verify_record(record) if record is not None else None
         where = evaluated_on(dtype, device)
         common = shared_record("task", model_dir, spec, limit=limit, **where) if shared else None
-        if (done is None or any(done.get(k) != v for k, v in {"spec": spec, **where}.items())) and common:
-            done = read_shared(common)
-            if done is not None and record is not None:
-                write_record(record, done, [])
-        if done is None or any(done.get(k) != v for k, v in {"spec": spec, **where}.items()):
-            if model is None:
-                model = Blockwise(model_dir, device, dtype, trust_remote_code)
-                tok = load_tokenizer(model_dir, trust_remote_code)
-            t0 = time.perf_counter()
-            scores = evaluate_tasks(model, tok, [spec], limit, batch_size, max_positions(model.config), progress)[
-                parsed.name
-            ]
-            done = {**scores, "spec": spec, "seconds": time.perf_counter() - t0, **where}
-            if common is not None:
-                write_shared(common, done)
-            if record is not None:
-                write_record(record, done, [])
+        stale = done is None or any(done.get(k) != v for k, v in {"spec": spec, **where}.items())
+        with entry_lock(common if stale else None):
+            if stale and common:
+                done = read_shared(common)
+                if done is not None and record is not None:
+                    write_record(record, done, [])
+            if done is None or any(done.get(k) != v for k, v in {"spec": spec, **where}.items()):
+                if model is None:
+                    model = Blockwise(model_dir, device, dtype, trust_remote_code)
+                    tok = load_tokenizer(model_dir, trust_remote_code)
+                t0 = time.perf_counter()
+                scores = evaluate_tasks(model, tok, [spec], limit, batch_size, max_positions(model.config), progress)
+                done = {**scores[parsed.name], "spec": spec, "seconds": time.perf_counter() - t0, **where}
+                if common is not None:
+                    write_shared(common, done)
+                if record is not None:
+                    write_record(record, done, [])
         results[parsed.name] = done
         if step is not None:
             step(parsed.name)

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import threading
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -140,6 +142,37 @@ def test_the_dense_evaluation_is_shared_across_run_directories(tiny_llama_dir, t
     assert ppl("f")["ppl"] != first["ppl"] and len(calls) == 5
 
 
+def test_two_runs_needing_the_same_dense_evaluation_at_once_compute_it_once(tiny_llama_dir, tmp_path, monkeypatch):
+    """Sweep workers start their points together: the second waits on the entry's lock and reads the first's
+    record instead of computing the same perplexity again."""
+    monkeypatch.setenv("SPARSEGPT_EVAL_CACHE", str(tmp_path / "shared"))
+    started, calls = threading.Event(), []
+    real = stages.evaluate.evaluate.blockwise_perplexity
+
+    def slow(*a, **k):  # noqa: ANN002, ANN003, ANN202
+        calls.append(1)
+        started.set()
+        time.sleep(1.0)  # the other run arrives while this one computes
+        return real(*a, **k)
+
+    monkeypatch.setattr(stages.evaluate.evaluate, "blockwise_perplexity", slow)
+    results: dict[str, dict] = {}
+
+    def ppl(run: str) -> None:
+        runtime = PruneRuntime(progress=False)
+        record = tmp_path / run / "dense.json"
+        results[run] = perplexity_cached(
+            tiny_llama_dir, "pydoc", 32, 2, record, "dense", torch.float32, 2, runtime, dense=True
+        )
+
+    first = threading.Thread(target=ppl, args=("a",))
+    first.start()
+    assert started.wait(60)
+    ppl("b")
+    first.join()
+    assert len(calls) == 1 and results["a"] == results["b"]
+
+
 def test_a_corrupt_or_unwritable_shared_cache_is_warned_about_and_worked_around(
     tiny_llama_dir, tmp_path, monkeypatch, caplog
 ):
@@ -150,6 +183,7 @@ def test_a_corrupt_or_unwritable_shared_cache_is_warned_about_and_worked_around(
     shared = tmp_path / "shared"
     monkeypatch.setenv("SPARSEGPT_EVAL_CACHE", str(shared))
     monkeypatch.setattr(cache, "_unwritable", set())
+    monkeypatch.setattr(cache, "_unlocked", set())
     calls = []
     real = stages.evaluate.evaluate.blockwise_perplexity
     monkeypatch.setattr(
