@@ -6,6 +6,7 @@
     sparsegpt report runs/x [runs/y ...] [--out DIR]
     sparsegpt status runs/x
     sparsegpt export runs/x [--format hf|compressed-tensors|gguf] [--gguf-type f16|q8_0|q4_0] [--out DIR]
+    sparsegpt sweep MODEL --run-root runs/s --grid method=sparsegpt,wanda --grid sparsity=0.5,0.6 [--pool NAME] ...
 
 Bad input ends with one line `error: ...` naming the problem and the fix, exit code 2.
 """
@@ -100,6 +101,30 @@ def _task_lines_off_console(progress: bool) -> None:
             handler.addFilter(_TaskInfoOffConsole())
 
 
+def _add_sweep(sub: argparse._SubParsersAction) -> None:
+    from stages.sweep.config import SweepConfig
+
+    p = sub.add_parser("sweep", help="one-shot runs over a grid (here, or fanned out over a Prefect work pool)")
+    add_options(p, SweepConfig())
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from stages.sweep.config import SweepConfig
+
+    cfg = build(SweepConfig(), args)
+    from stages.sweep.check import check
+
+    check(cfg)  # a bad grid or point is refused here, before Prefect starts
+    from flows.sweep import sweep
+
+    _task_lines_off_console(cfg.runtime.progress)
+    out = sweep(cfg)
+    print()
+    print(Path(out["report"]).read_text(encoding="utf-8"))
+    print(f"report: {out['report']}")
+    return 0
+
+
 def _add_report(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("report", help="per-layer report, plots and HTML of one run, or several side by side")
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
@@ -185,6 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     _add_eval(sub)
     _add_progressive(sub)
     _add_report(sub)
+    _add_sweep(sub)
     st = sub.add_parser("status", help="what is done and left in a run directory")
     st.add_argument("run_dir")
     ex = sub.add_parser("export", help="a finished prune run as a checkpoint to serve, with a model card")
@@ -208,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     del args.command, args.debug
     try:
         commands = {"prune": _prune, "eval": _eval, "report": _report, "status": _status, "progressive": _progressive}
-        return {**commands, "export": _export}[command](args)
+        return {**commands, "export": _export, "sweep": _sweep}[command](args)
     except USER_ERRORS as exc:
         if debug():
             raise

@@ -104,15 +104,17 @@ def options_markdown(cfg: Any) -> str:
     return "\n".join(rows)
 
 
-COMMANDS = ("prune", "eval", "progressive")
+COMMANDS = ("prune", "eval", "progressive", "sweep")
 
 
 def command_config(command: str) -> Any:
     """The default config instance behind a command's options."""
     from stages.config import EvaluateConfig, PruneConfig
     from stages.progressive.config import ProgressiveConfig
+    from stages.sweep.config import SweepConfig
 
-    return {"prune": PruneConfig, "eval": EvaluateConfig, "progressive": ProgressiveConfig}[command]()
+    configs = {"prune": PruneConfig, "eval": EvaluateConfig, "progressive": ProgressiveConfig, "sweep": SweepConfig}
+    return configs[command]()
 
 
 def readme_tables() -> str:

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-ORDER = ["config", "run", "data", "model", "report", "prune", "finetune", "evaluate", "progressive", "export"]
+ORDER = ["config", "run", "data", "model", "report", "prune", "finetune", "evaluate", "progressive", "export", "sweep"]
 """stages/ subpackages, lowest first (config.tree and config.parts import only run-free helpers of data)."""
 ALLOWED_UP = {("config", "data")}
 """The config parts check dataset and task SPECs with the data layer's parsers (stages.data.specs, .tasks)."""

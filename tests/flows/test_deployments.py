@@ -97,3 +97,24 @@ def test_bad_config_parameters_fail_with_the_configs_message():
         oneshot.validate_parameters({"cfg": {"solver": {"nm": "2-4"}}})
     with pytest.raises(ParameterTypeError, match=r"unknown task 'mmlu'"):
         oneshot.validate_parameters({"cfg": {"eval": {"tasks": ["mmlu"]}}})
+
+
+def test_sweep_deployment_parameters_become_a_sweep_config(deployments):
+    from stages.sweep.config import SweepConfig, points
+
+    dep = deployments["sparsegpt-sweep"]
+    flow = load(dep["entrypoint"])
+    assert flow.name == "sparsegpt-sweep" and dep["work_pool"]["name"] == "local-process"
+    cfg = flow.validate_parameters(dep["parameters"])["cfg"]
+    assert isinstance(cfg, SweepConfig) and cfg.pool == "local-process"
+    assert cfg.grid == ("method=sparsegpt,wanda", "sparsity=0.5,0.6")
+    pts = points(cfg)
+    assert [(p.cfg.solver.method, p.cfg.solver.sparsity) for p in pts] == [
+        ("sparsegpt", 0.5),
+        ("sparsegpt", 0.6),
+        ("wanda", 0.5),
+        ("wanda", 0.6),
+    ]
+    assert all(p.cfg.calib.nsamples == 32 and p.cfg.eval.windows == 8 for p in pts)
+    with pytest.raises(ParameterTypeError, match=r"poll_seconds must be positive"):
+        flow.validate_parameters({"cfg": {"grid": ["sparsity=0.5"], "poll_seconds": 0}})
