@@ -13,12 +13,13 @@ from flows.artifacts import move, new_progress, publish_eval
 from flows.errors import reports_user_errors
 from stages.config import EvaluateConfig
 from stages.data.specs import parse_spec
-from stages.evaluate.cache import entry_lock, read_shared, shared_record, write_shared
+from stages.evaluate.cache import read_shared, shared_record, write_shared
 from stages.evaluate.check import check as check_evaluate
 from stages.evaluate.evaluate import blockwise_perplexity, evaluated_on, score_tasks
 from stages.evaluate.lm_eval_layout import lm_eval_results, write_results
 from stages.evaluate.perplexity import eval_windows
 from stages.model.models import compute_dtype, load_tokenizer
+from stages.run.shared import entry_lock
 
 PROGRESS_KEY = "sparsegpt-eval-progress"
 

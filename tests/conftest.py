@@ -30,9 +30,11 @@ TINY_VOCAB = 128
 SPECIALS = ["<unk>", "<s>", "</s>"]
 
 
-# Dense evaluations shared across run directories (stages.evaluate.cache) go to a folder of this test
+# Dense evaluations and calibration inputs shared across run directories (stages.evaluate.cache,
+# stages.prune.shared_inputs) go to folders of this test
 # session, never to the user's cache, and no earlier session's results are found there.
 os.environ["SPARSEGPT_EVAL_CACHE"] = tempfile.mkdtemp(prefix="sparsegpt-eval-cache-")
+os.environ["SPARSEGPT_CALIB_CACHE"] = tempfile.mkdtemp(prefix="sparsegpt-calib-cache-")
 
 
 def tiny_config(kind: str, tied: bool | None = None) -> PretrainedConfig:

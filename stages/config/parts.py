@@ -220,7 +220,8 @@ class RuntimeConfig:
     """Show progress bars."""
     cache: bool = True
     """Reuse and store the dense model's evaluation across run directories under $SPARSEGPT_CACHE/eval
-    (keyed by the checkpoint's digest, SPEC, windows, dtype and device kind)."""
+    (keyed by the checkpoint's digest, SPEC, windows, dtype and device kind); a prune also reuses the
+    calibration inputs other runs shared (`--share-inputs`). Off: neither read nor written."""
 
     def __post_init__(self) -> None:
         if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
@@ -239,6 +240,10 @@ class PruneRuntime(RuntimeConfig):
     forward's intermediates (SmolLM2, 512 tokens: +44 MiB instead of +162 MiB)."""
     keep_acts: int = 2
     """Activation boundaries kept on disk (older ones are deleted as the run proceeds)."""
+    share_inputs: bool = False
+    """Also store the calibration windows and block 0's inputs under $SPARSEGPT_CACHE/calib for other runs of
+    the same model and calibration (hard links; `sparsegpt sweep` turns it on for its points). Any run with
+    the cache on reads them from there."""
     export: str | None = opt(None, metavar="FORMAT")
     """At the end of the run, export it as `sparsegpt export --format FORMAT` does (hf,
     compressed-tensors, gguf) into RUN_DIR/export-FORMAT (a progressive run: its final model, hf or gguf)."""

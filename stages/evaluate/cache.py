@@ -8,7 +8,7 @@ keyed by what shapes it: the checkpoint's digest (`checkpoint_digest`), the SPEC
 for a local file, its size and mtime, the window length and count (or the task limit), the
 compute dtype and the device's kind. A run directory still gets its own record (a copy),
 so a run stays complete if the cache is deleted. Writes are atomic, and an entry is read,
-computed and written under its own `flock` (`entry_lock`): workers of a sweep that need the
+computed and written under its own `flock` (`stages.run.shared.entry_lock`): workers of a sweep that need the
 same dense evaluation at once compute it once, the others wait and read it. `--no-cache`
 (`RuntimeConfig.cache = False`) neither reads nor writes it. Pruned models are never
 stored there: each belongs to one run. An entry that fails verification is computed
@@ -17,14 +17,10 @@ again (a warning); a cache folder that cannot be written is skipped (a warning, 
 
 from __future__ import annotations
 
-import contextlib
-import errno
-import fcntl
 import hashlib
 import json
 import logging
 import os
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +32,6 @@ from stages.run.rundir import RunError, verify_record, write_record
 
 log = logging.getLogger("sparsegpt.evaluate")
 _unwritable: set[Path] = set()
-_unlocked: set[Path] = set()
 
 
 def _file_stamp(path: Path | None) -> list[int] | None:
@@ -79,36 +74,3 @@ def write_shared(path: Path, payload: dict) -> None:
                 path.parent,
                 exc,
             )
-
-
-@contextlib.contextmanager
-def entry_lock(path: Path | None) -> Iterator[None]:
-    """Hold an exclusive lock on the shared entry ``path`` (None: no entry, no lock) while it is read,
-    computed and written. A process that waits here then finds the entry written by the one that held it.
-    A cache that cannot be written, or a file system without locks, is warned about once and not locked."""
-    if path is None:
-        yield
-        return
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path.with_suffix(".lock"), os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as exc:
-        _warn_once(path.parent, f"cannot lock the dense-evaluation cache {path.parent} ({exc.strerror})")
-        yield
-        return
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        except OSError as exc:
-            if exc.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
-                raise
-            _warn_once(path.parent, f"the file system of {path.parent} has no file locks; entries are not locked")
-        yield
-    finally:
-        os.close(fd)  # closing the descriptor releases the lock
-
-
-def _warn_once(folder: Path, message: str) -> None:
-    if folder not in _unlocked:
-        _unlocked.add(folder)
-        log.warning("%s; two processes may compute the same dense evaluation", message)

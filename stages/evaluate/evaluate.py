@@ -26,7 +26,7 @@ from stages.config import PruneConfig, RuntimeConfig
 from stages.config.tree import to_flat
 from stages.data.specs import parse_spec
 from stages.data.tasks import parse_task_specs
-from stages.evaluate.cache import entry_lock, read_shared, shared_record, write_shared
+from stages.evaluate.cache import read_shared, shared_record, write_shared
 from stages.evaluate.perplexity import Perplexity, eval_windows
 from stages.evaluate.tasks.blockwise import Blockwise
 from stages.evaluate.tasks.zeroshot import evaluate_tasks
@@ -35,6 +35,7 @@ from stages.model.capture import Head, capture_inputs
 from stages.model.models import load_tokenizer, max_positions
 from stages.run.memory import release_memory
 from stages.run.rundir import atomic_write_json, verify_record, write_record
+from stages.run.shared import entry_lock
 
 HEAD_CHUNK = 128
 """Positions per call of the model's head in `blockwise_perplexity`: bounds its logits to (128, vocab)."""

@@ -49,7 +49,7 @@ from stages.model.blocks import (
 )
 from stages.model.checkpoint import resolve_model
 from stages.model.models import load_tokenizer
-from stages.prune import streams
+from stages.prune import shared_inputs, streams
 from stages.prune.check import check, identity_upgrade, run_identity
 from stages.prune.pruning import block_outlier_ratio, collect_hessians, prune_block
 from stages.prune.reconstruct import reconstruct_block
@@ -59,6 +59,7 @@ from stages.run.identity import init_run
 from stages.run.memory import release_memory
 from stages.run.rundir import RunLock, bytes_hashed, prune_old, sweep_tmp, verify_record, write_record
 from stages.run.shards import ShardSet, ShardWriter, is_complete, read_shards
+from stages.run.shared import entry_lock
 from stages.run.timing import timed
 
 log = logging.getLogger("sparsegpt.pipeline")
@@ -87,16 +88,23 @@ def prepare(cfg: PruneConfig) -> Run:
 
 
 def calibrate(cfg: PruneConfig, run: Run) -> dict:
-    """Sample the calibration windows into calib/tokens.arrow."""
+    """Sample the calibration windows into calib/tokens.arrow (or link them from the shared cache)."""
     record = run.tokens.with_suffix(".json")
     done = verify_record(record)
     if done is not None:
         return done
-    tok = load_tokenizer(run.model_dir, cfg.trust_remote_code)
-    ids = sample_calibration(tok, replace(cfg.calib, nsamples=cfg.windows))  # the first nsamples build Hessians
-    write_tokens(run.tokens, ids)
-    release_memory()  # tokenizing the corpus leaves a large freed heap behind
-    return write_record(record, {"nsamples": int(ids.shape[0]), "seqlen": int(ids.shape[1])}, [run.tokens])
+    entry = shared_inputs.tokens_entry(cfg, run.model_dir)
+    with entry_lock(entry):
+        if shared_inputs.fetch(entry, run.root) and (done := verify_record(record)) is not None:
+            return done
+        tok = load_tokenizer(run.model_dir, cfg.trust_remote_code)
+        ids = sample_calibration(tok, replace(cfg.calib, nsamples=cfg.windows))  # the first nsamples: Hessians
+        write_tokens(run.tokens, ids)
+        release_memory()  # tokenizing the corpus leaves a large freed heap behind
+        out = write_record(record, {"nsamples": int(ids.shape[0]), "seqlen": int(ids.shape[1])}, [run.tokens])
+        if cfg.runtime.share_inputs:
+            shared_inputs.store(entry, run.root, [run.tokens, record])
+    return out
 
 
 def owl_allocation(cfg: PruneConfig, run: Run) -> list[float]:

@@ -21,9 +21,11 @@ from stages.config import PruneConfig
 from stages.data.calibration import read_tokens
 from stages.model.blocks import load_block, load_layer_kwargs, run_block, save_layer_kwargs, skeleton
 from stages.model.capture import capture_inputs
+from stages.prune import shared_inputs
 from stages.run.memory import release_memory
 from stages.run.rundir import prune_old, verify_record, write_record
 from stages.run.shards import ShardSet, ShardWriter, is_complete, read_shards
+from stages.run.shared import entry_lock
 
 log = logging.getLogger("sparsegpt.pipeline")
 SAMPLES_PER_SHARD = 16
@@ -90,7 +92,8 @@ class Run:
 
 
 def capture(cfg: PruneConfig, run: Run, needed: bool = False) -> dict:
-    """Inputs of block 0 into acts/block_000 and the layer kwargs into acts/layer_kwargs.
+    """Inputs of block 0 into acts/block_000 and the layer kwargs into acts/layer_kwargs (or linked from the
+    shared cache, `stages.prune.shared_inputs`).
 
     Skipped when both are on disk, or when block 0 is already pruned (its inputs were
     used and may have been deleted since); `needed=True` insists on acts/block_000.
@@ -100,18 +103,25 @@ def capture(cfg: PruneConfig, run: Run, needed: bool = False) -> dict:
         is_complete(run.acts(0)) or (not needed and verify_record(run.block_record(0)) is not None)
     ):
         return {"captured": False}
-    ids = torch.from_numpy(read_tokens(run.tokens).astype(np.int64))
-    dtype = run.dtype
-    hidden, kwargs = capture_inputs(
-        run.model_dir, ids, cfg.runtime.device, dtype, cfg.runtime.batch_size, cfg.trust_remote_code
-    )
-    with ShardWriter(run.acts(0), dtype, tuple(hidden.shape[1:]), SAMPLES_PER_SHARD) as writer:
-        writer.add(hidden)
-    save_layer_kwargs(run.layer_kwargs, kwargs)
-    write_record(kw_record, {}, [run.layer_kwargs])
-    samples = int(hidden.shape[0])
-    del hidden
-    release_memory()
+    entry = shared_inputs.inputs_entry(cfg, run.model_dir, run.dtype)
+    with entry_lock(entry):
+        if shared_inputs.fetch(entry, run.root) and verify_record(kw_record) is not None and is_complete(run.acts(0)):
+            return {"captured": False, "shared": True}
+        ids = torch.from_numpy(read_tokens(run.tokens).astype(np.int64))
+        dtype = run.dtype
+        hidden, kwargs = capture_inputs(
+            run.model_dir, ids, cfg.runtime.device, dtype, cfg.runtime.batch_size, cfg.trust_remote_code
+        )
+        with ShardWriter(run.acts(0), dtype, tuple(hidden.shape[1:]), SAMPLES_PER_SHARD) as writer:
+            writer.add(hidden)
+        save_layer_kwargs(run.layer_kwargs, kwargs)
+        write_record(kw_record, {}, [run.layer_kwargs])
+        samples = int(hidden.shape[0])
+        del hidden
+        release_memory()
+        if cfg.runtime.share_inputs:
+            files = sorted(p for p in run.acts(0).iterdir() if p.is_file() and ".tmp-" not in p.name)
+            shared_inputs.store(entry, run.root, [*files, run.layer_kwargs, kw_record])
     return {"captured": True, "samples": samples}
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import itertools
 import re
 import types
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin
 
@@ -64,7 +64,8 @@ class SweepConfig(Tree):
             raise ValueError(f"--deployment must read FLOW/NAME, e.g. {DEPLOYMENT}, got {self.deployment!r}")
 
     def base(self) -> PruneConfig:
-        """The one-shot config every point starts from (its run directory is set per point)."""
+        """The one-shot config every point starts from (its run directory is set per point), sharing its
+        calibration windows and block-0 inputs through the cache (`stages.prune.shared_inputs`)."""
         return PruneConfig(
             model=self.model,
             run_dir=self.run_root,
@@ -73,7 +74,7 @@ class SweepConfig(Tree):
             solver=self.solver,
             reconstruct=self.reconstruct,
             eval=self.eval,
-            runtime=self.runtime,
+            runtime=replace(self.runtime, share_inputs=True),  # the points share calibration windows and inputs
         )
 
 

@@ -31,6 +31,7 @@ def dense_records(cfg: SweepConfig) -> list[dict]:
 
 def test_grid_runs_as_subflows_with_one_dense_evaluation_and_reruns_nothing(tiny_llama_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("SPARSEGPT_EVAL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("SPARSEGPT_CALIB_CACHE", str(tmp_path / "calib"))
     cfg = sweep_cfg(tiny_llama_dir, tmp_path / "sweep", *GRID)
     out = sweep(cfg)
     names = [p.name for p in points(cfg)]
@@ -42,6 +43,9 @@ def test_grid_runs_as_subflows_with_one_dense_evaluation_and_reruns_nothing(tiny
     assert len(list((tmp_path / "cache").glob("ppl-*.json"))) == 1
     dense = dense_records(cfg)
     assert all(d == dense[0] for d in dense) and dense[0]["seconds"] > 0
+    # calibration windows sampled once: every point's tokens are links to one file (block-0 inputs likewise)
+    assert len({(tmp_path / "sweep" / n / "calib" / "tokens.arrow").stat().st_ino for n in names}) == 1
+    assert len({(tmp_path / "sweep" / n / "acts" / "layer_kwargs.safetensors").stat().st_ino for n in names}) == 1
     report = tmp_path / "sweep" / "report"
     comparison = (report / "comparison.md").read_text()
     assert all(n in comparison for n in names)

@@ -59,7 +59,8 @@ def test_two_workers_share_the_grid_and_the_dense_evaluation_runs_once(pool, tin
         **os.environ,
         "PREFECT_API_URL": PREFECT_API_URL.value(),
         "PREFECT_WORKER_QUERY_SECONDS": "1",
-        "SPARSEGPT_EVAL_CACHE": str(cache),  # a shared cache, as on shared storage
+        "SPARSEGPT_EVAL_CACHE": str(cache),  # shared caches, as on shared storage
+        "SPARSEGPT_CALIB_CACHE": str(tmp_path / "calib"),
     }
     logs = {name: tmp_path / f"{name}.log" for name in ("w1", "w2")}
     workers = []
@@ -89,6 +90,8 @@ def test_two_workers_share_the_grid_and_the_dense_evaluation_runs_once(pool, tin
         (path,) = (p.run_dir / "eval").glob("dense-*.json")
         dense.append({k: v for k, v in json.loads(path.read_text()).items() if k != "files"})
     assert all(d == dense[0] for d in dense), "two workers computed the dense evaluation"
+    tokens = {(p.run_dir / "calib" / "tokens.arrow").stat().st_ino for p in points(cfg)}
+    assert len(tokens) == 1, "the calibration windows were sampled more than once"
 
 
 def test_a_missing_pool_or_a_deployment_on_another_pool_is_refused_before_submitting(pool, tiny_llama_dir, tmp_path):

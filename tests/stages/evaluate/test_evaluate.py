@@ -183,7 +183,6 @@ def test_a_corrupt_or_unwritable_shared_cache_is_warned_about_and_worked_around(
     shared = tmp_path / "shared"
     monkeypatch.setenv("SPARSEGPT_EVAL_CACHE", str(shared))
     monkeypatch.setattr(cache, "_unwritable", set())
-    monkeypatch.setattr(cache, "_unlocked", set())
     calls = []
     real = stages.evaluate.evaluate.blockwise_perplexity
     monkeypatch.setattr(
