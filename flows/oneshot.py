@@ -116,6 +116,17 @@ def prune_block(cfg: PruneConfig, run: st.Run, i: int, sparsity: float) -> dict:
     return {k: v for k, v in rec.items() if k != "files"}
 
 
+@task(name="prune-blocks-ranks")
+def prune_blocks_ranks(cfg: PruneConfig, run: st.Run, sparsities: list[float]) -> list[dict]:
+    """`--nproc N`: one launcher task spawns N data-parallel ranks that prune every unfinished block (the
+    block records make it resumable); the progress bar and artifact move as records appear."""
+    from stages.prune.parallel import prune_blocks_parallel
+
+    with block_progress(cfg, run) as step:
+        records = prune_blocks_parallel(cfg, run, sparsities, done=step)
+    return [{k: v for k, v in rec.items() if k != "files"} for rec in records]
+
+
 @task(name="assemble", cache_key_fn=_key_fn(_model_record))
 def assemble(cfg: PruneConfig, run: st.Run) -> dict:
     out = st.assemble_model(cfg, run)
@@ -163,6 +174,8 @@ def _steps(cfg: PruneConfig) -> st.OneshotSteps:
         return lambda cfg, run, *a: task_fn.with_options(**_options(run))(cfg, run, *a)
 
     def blocks(cfg: PruneConfig, run: st.Run, sparsities: list[float]) -> list[dict]:
+        if cfg.runtime.nproc > 1:
+            return prune_blocks_ranks(cfg, run, sparsities)
         block_task, records = prune_block.with_options(**_options(run)), []
         with block_progress(cfg, run) as step:
             for i in range(run.num_blocks):

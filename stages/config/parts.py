@@ -240,6 +240,10 @@ class PruneRuntime(RuntimeConfig):
     forward's intermediates (SmolLM2, 512 tokens: +44 MiB instead of +162 MiB)."""
     keep_acts: int = 2
     """Activation boundaries kept on disk (older ones are deleted as the run proceeds)."""
+    nproc: int = 1
+    """Data-parallel ranks (torch.distributed, gloo on a CPU, nccl with one GPU each) that prune each block
+    together: calibration windows split across ranks, Hessians all-reduced, the layer solves split by cost.
+    Not part of a run's identity: a run may resume with another count."""
     share_inputs: bool = False
     """Also store the calibration windows and block 0's inputs under $SPARSEGPT_CACHE/calib for other runs of
     the same model and calibration (hard links; `sparsegpt sweep` turns it on for its points). Any run with
@@ -252,7 +256,7 @@ class PruneRuntime(RuntimeConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _positive(self, "batch_size")
+        _positive(self, "batch_size", "nproc")
         _positive(self, "keep_acts", low=2)
         if self.export is not None and self.export not in EXPORT_FORMATS:
             raise ValueError(f"--export must be one of {', '.join(EXPORT_FORMATS)}, got {self.export!r}")

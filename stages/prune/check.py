@@ -49,6 +49,7 @@ def check(cfg: PruneConfig) -> tuple[Path, Skeleton, torch.dtype]:
     check_nm_hidden(cfg, config)
     check_teacher(cfg, config)
     check_sequential_fits(cfg, config, dtype)
+    check_ranks(cfg)
     if cfg.runtime.export == "compressed-tensors" and cfg.solver.quant is None:
         raise ValueError("--export compressed-tensors packs quantized weights: add --wbits 4 (or 8), or --export hf")
     # the first import of torch and transformers' modeling code: the model built on the meta device
@@ -179,3 +180,30 @@ def check_nm_fits(cfg: PruneConfig, sk: Skeleton) -> None:
                     f"--nm {n}:{m} does not fit layer {sk.block_prefix(i)}{name}: its input width {cols} is not "
                     f"a multiple of M={m}; choose an M that divides every layer's width (e.g. 2:4)"
                 )
+
+
+def check_ranks(cfg: PruneConfig) -> None:
+    """Refuse a `--nproc` the run cannot use: more ranks than GPUs or than shards of calibration windows
+    (each rank needs one), and the modes the data-parallel path does not run yet."""
+    nproc = cfg.runtime.nproc
+    if nproc == 1:
+        return
+    if cfg.solver.sequential or cfg.reconstruct.enabled:
+        what = "--sequential" if cfg.solver.sequential else "--reconstruct"
+        raise ValueError(f"--nproc {nproc} does not run {what} yet; drop one of the two")
+    from stages.prune.streams import SAMPLES_PER_SHARD
+
+    shards = -(-cfg.windows // SAMPLES_PER_SHARD)
+    if nproc > shards:
+        raise ValueError(
+            f"--nproc {nproc} needs {nproc} shards of {SAMPLES_PER_SHARD} calibration windows, the run has "
+            f"{shards}; give --nsamples {nproc * SAMPLES_PER_SHARD} or more, or --nproc {shards}"
+        )
+    if cfg.runtime.device.startswith("cuda"):
+        import torch
+
+        if cfg.runtime.device != "cuda":
+            device = cfg.runtime.device
+            raise ValueError(f"--nproc {nproc} gives each rank its own GPU: use --device cuda, not {device}")
+        if nproc > torch.cuda.device_count():
+            raise ValueError(f"--nproc {nproc} needs {nproc} GPUs, torch sees {torch.cuda.device_count()}")

@@ -284,7 +284,12 @@ def block_records(run: Run) -> list[dict | None]:
 
 
 def prune_blocks(cfg: PruneConfig, run: Run, sparsities: list[float]) -> list[dict]:
-    """Every block in order (`prune_one`; finished blocks return their records at once)."""
+    """Every block in order (`prune_one`; finished blocks return their records at once), or with
+    `--nproc N` on N data-parallel ranks (`stages.prune.parallel`)."""
+    if cfg.runtime.nproc > 1:
+        from stages.prune.parallel import prune_blocks_parallel
+
+        return prune_blocks_parallel(cfg, run, sparsities)
     return [prune_one(cfg, run, i, sparsities[i]) for i in range(run.num_blocks)]
 
 

@@ -79,6 +79,12 @@ class ShardWriter:
     Opening a writer discards what `folder` held (manifest first, so an interrupted
     rewrite is never mistaken for a complete folder). Use as a context manager:
     a clean exit calls `close()`; an exception leaves the folder incomplete.
+
+    Several writers may fill one folder, each a range of samples (data-parallel ranks): each
+    starts at ``first_sample`` (a multiple of ``samples_per_shard``, so its shards get the
+    names and contents one writer would give them), none discards (``discard=False``; the
+    folder is emptied once before), each ends with `close(manifest=False)`, and one writes
+    the manifest over all their shards (`write_manifest`).
     """
 
     def __init__(
@@ -87,6 +93,8 @@ class ShardWriter:
         dtype: torch.dtype,
         sample_shape: tuple[int, ...],
         samples_per_shard: int,
+        first_sample: int = 0,
+        discard: bool = True,
     ) -> None:
         self.folder = Path(folder)
         self.dtype = dtype
@@ -98,12 +106,16 @@ class ShardWriter:
                 f"{samples_per_shard} and {self.sample_shape}"
             )
         self.samples_per_shard = samples_per_shard
+        if first_sample % samples_per_shard:
+            raise ValueError(f"first_sample {first_sample} is not a multiple of samples_per_shard {samples_per_shard}")
+        self._first = first_sample
         self._pending: list[torch.Tensor] = []
         self._pending_rows = 0
         self._written = 0
         self._shards: list[dict] = []
         self._manifest: dict | None = None
-        _discard(self.folder)
+        if discard:
+            _discard(self.folder)
 
     def add(self, batch: torch.Tensor) -> None:
         """Append a batch of samples, shape (b, *sample_shape), of the writer's dtype."""
@@ -135,7 +147,7 @@ class ShardWriter:
         self._pending_rows = rest.shape[0]
 
     def _write_shard(self, rows: torch.Tensor) -> None:
-        n, start = rows.shape[0], self._written
+        n, start = rows.shape[0], self._first + self._written
         storage, _ = _STORAGE[self.dtype]
         values = pa.array(_to_numpy_bits(rows), type=storage)
         column = pa.FixedSizeListArray.from_arrays(values, math.prod(self.sample_shape))
@@ -147,30 +159,26 @@ class ShardWriter:
             "stop": str(start + n),
         }
         schema = pa.schema([pa.field("x", column.type, nullable=False)], metadata=metadata)
-        name = shard_name(len(self._shards))
+        name = shard_name(self._first // self.samples_per_shard + len(self._shards))
         with atomic_path(self.folder / name) as tmp:
             with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
                 writer.write_batch(pa.record_batch([column], schema=schema))
         self._shards.append({"name": name, "rows": n, "start": start})
         self._written += n
 
-    def close(self) -> dict:
-        """Write the remainder and then `manifest.json`; return the manifest."""
+    def close(self, manifest: bool = True) -> dict:
+        """Write the remainder and then `manifest.json`; return the manifest. With ``manifest=False``
+        (one of several writers) write no manifest and return ``{"shards": [...]}`` for `write_manifest`."""
         if self._manifest is not None:
             return self._manifest
         if self._pending_rows:
             self._flush(self._pending_rows)
-        payload = {
-            "format": FORMAT,
-            "dtype": self.dtype_name,
-            "sample_shape": list(self.sample_shape),
-            "samples_per_shard": self.samples_per_shard,
-            "nsamples": self._written,
-            "shards": self._shards,
-        }
-        files = [self.folder / s["name"] for s in self._shards]
-        self.folder.mkdir(parents=True, exist_ok=True)
-        self._manifest = write_record(self.folder / MANIFEST, payload, files)
+        if not manifest:
+            self._manifest = {"shards": list(self._shards)}
+            return self._manifest
+        self._manifest = write_manifest(
+            self.folder, self.dtype, self.sample_shape, self.samples_per_shard, self._shards
+        )
         return self._manifest
 
     def __enter__(self) -> "ShardWriter":
@@ -179,6 +187,34 @@ class ShardWriter:
     def __exit__(self, exc_type: type | None, *rest: object) -> None:
         if exc_type is None:
             self.close()
+
+
+def write_manifest(
+    folder: Path, dtype: torch.dtype, sample_shape: tuple[int, ...], samples_per_shard: int, shards: list[dict]
+) -> dict:
+    """The manifest of a folder whose shards (``{"name", "rows", "start"}``, any order) cover samples 0..n
+    without a gap; written last, with every shard's size and checksum. Returns it."""
+    shards = sorted(shards, key=lambda s: s["start"])
+    expected = 0
+    for s in shards:
+        if s["start"] != expected:
+            raise RunError(f"shards of {folder} leave samples {expected}..{s['start']} out")
+        expected += s["rows"]
+    payload = {
+        "format": FORMAT,
+        "dtype": _dtype_name(dtype),
+        "sample_shape": list(sample_shape),
+        "samples_per_shard": samples_per_shard,
+        "nsamples": expected,
+        "shards": shards,
+    }
+    folder.mkdir(parents=True, exist_ok=True)
+    return write_record(folder / MANIFEST, payload, [folder / s["name"] for s in shards])
+
+
+def discard(folder: Path | str) -> None:
+    """Make ``folder`` an empty, incomplete shard folder (before several writers fill it)."""
+    _discard(Path(folder))
 
 
 def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
