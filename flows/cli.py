@@ -140,6 +140,11 @@ def _prune(args: argparse.Namespace) -> int:
     from stages.config import PruneConfig
 
     cfg = build(PruneConfig(), args)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and int(os.environ.get("RANK", "0")) != 0:
+        from stages.prune.parallel import follow
+
+        follow(cfg)  # a torchrun rank other than 0: prune with rank 0, which runs the flow
+        return 0
     from stages.prune.check import check
 
     check(cfg)  # bad input is refused here, before Prefect starts

@@ -31,6 +31,7 @@ from stages.evaluate.lm_eval_layout import dense_path, prune_layouts, write_resu
 from stages.export.export import export_run
 from stages.prune import oneshot as st
 from stages.prune.check import check as check_prune
+from stages.prune.check import world_size
 from stages.run.identity import config_hash
 from stages.run.rundir import RunLock, sweep_tmp, verify_record
 
@@ -174,7 +175,7 @@ def _steps(cfg: PruneConfig) -> st.OneshotSteps:
         return lambda cfg, run, *a: task_fn.with_options(**_options(run))(cfg, run, *a)
 
     def blocks(cfg: PruneConfig, run: st.Run, sparsities: list[float]) -> list[dict]:
-        if cfg.runtime.nproc > 1:
+        if world_size(cfg) > 1:
             return prune_blocks_ranks(cfg, run, sparsities)
         block_task, records = prune_block.with_options(**_options(run)), []
         with block_progress(cfg, run) as step:

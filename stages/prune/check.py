@@ -8,6 +8,7 @@ before Prefect starts. It writes nothing.
 
 from __future__ import annotations
 
+import os
 import shutil
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -182,10 +183,18 @@ def check_nm_fits(cfg: PruneConfig, sk: Skeleton) -> None:
                 )
 
 
+def world_size(cfg: PruneConfig) -> int:
+    """The ranks that prune the run: torchrun's WORLD_SIZE when it launched this process, else `--nproc`."""
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    return launched if launched > 1 else cfg.runtime.nproc
+
+
 def check_ranks(cfg: PruneConfig) -> None:
     """Refuse a `--nproc` the run cannot use: more ranks than GPUs or than shards of calibration windows
     (each rank needs one), and the modes the data-parallel path does not run yet."""
-    nproc = cfg.runtime.nproc
+    nproc = world_size(cfg)
+    if nproc != cfg.runtime.nproc and cfg.runtime.nproc != 1:
+        raise ValueError(f"torchrun started {nproc} ranks; drop --nproc {cfg.runtime.nproc} (its ranks are the run's)")
     if nproc == 1:
         return
     if cfg.solver.sequential or cfg.reconstruct.enabled:
@@ -205,5 +214,5 @@ def check_ranks(cfg: PruneConfig) -> None:
         if cfg.runtime.device != "cuda":
             device = cfg.runtime.device
             raise ValueError(f"--nproc {nproc} gives each rank its own GPU: use --device cuda, not {device}")
-        if nproc > torch.cuda.device_count():
+        if nproc > torch.cuda.device_count() and nproc == cfg.runtime.nproc:  # torchrun: GPUs on several nodes
             raise ValueError(f"--nproc {nproc} needs {nproc} GPUs, torch sees {torch.cuda.device_count()}")

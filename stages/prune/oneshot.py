@@ -50,7 +50,7 @@ from stages.model.blocks import (
 from stages.model.checkpoint import resolve_model
 from stages.model.models import load_tokenizer
 from stages.prune import shared_inputs, streams
-from stages.prune.check import check, identity_upgrade, run_identity
+from stages.prune.check import check, identity_upgrade, run_identity, world_size
 from stages.prune.pruning import block_outlier_ratio, collect_hessians, prune_block
 from stages.prune.reconstruct import reconstruct_block
 from stages.prune.sequential import NotSequential, prune_block_sequential
@@ -286,7 +286,7 @@ def block_records(run: Run) -> list[dict | None]:
 def prune_blocks(cfg: PruneConfig, run: Run, sparsities: list[float]) -> list[dict]:
     """Every block in order (`prune_one`; finished blocks return their records at once), or with
     `--nproc N` on N data-parallel ranks (`stages.prune.parallel`)."""
-    if cfg.runtime.nproc > 1:
+    if world_size(cfg) > 1:
         from stages.prune.parallel import prune_blocks_parallel
 
         return prune_blocks_parallel(cfg, run, sparsities)

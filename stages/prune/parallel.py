@@ -20,6 +20,7 @@ refused with `--nproc` (`stages.prune.check.check_ranks`).
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import time
 from collections.abc import Callable, Iterator
@@ -50,8 +51,9 @@ from stages.run.shards import ShardSet, ShardWriter, discard, read_shards, write
 from stages.run.timing import timed
 
 log = logging.getLogger("sparsegpt.pipeline")
-TIMEOUT = timedelta(minutes=30)
-"""How long a rank waits in a collective for the others (one block's solve on another rank)."""
+TIMEOUT = timedelta(hours=2)
+"""How long a rank waits in a collective for the others (rank 0's calibration and capture under torchrun, a
+boundary rebuilt after a crash); a rank that dies is noticed at once, not after this."""
 
 
 def partition(nsamples: int, world: int, per_shard: int = SAMPLES_PER_SHARD) -> list[tuple[int, int]]:
@@ -188,26 +190,70 @@ def prune_one_ranks(cfg: PruneConfig, run: Run, i: int, sparsity: float, device:
     dist.barrier()  # the record is written before any rank looks at the next block
 
 
+Done = Callable[[int], None] | None
+
+
+def _blocks(cfg: PruneConfig, run: Run, sparsities: list[float], device: str, done: Done) -> None:
+    """Every unfinished block in order, on every rank of the current process group."""
+    for i in range(run.num_blocks):
+        if verify_record(run.block_record(i), quick=True) is None:
+            prune_one_ranks(cfg, run, i, sparsities[i], device)
+        if done is not None:
+            done(i)
+
+
+def _device(cfg: PruneConfig, local_rank: int) -> str:
+    if cfg.runtime.device.startswith("cuda"):
+        torch.cuda.set_device(local_rank)
+        return f"cuda:{local_rank}"
+    return "cpu"
+
+
 def rank_main(rank: int, world: int, port: int, cfg: PruneConfig, run: Run, sparsities: list[float]) -> None:
-    """One rank's whole prune: every unfinished block in order (the entry point `prune_blocks_parallel` spawns)."""
+    """One spawned rank's whole prune: every unfinished block in order (`prune_blocks_parallel` spawns it)."""
     logging.basicConfig(level=logging.WARNING)
-    cuda = cfg.runtime.device.startswith("cuda")
-    device = f"cuda:{rank}" if cuda else "cpu"
-    if cuda:
-        torch.cuda.set_device(rank)
-    if not cuda:
+    device = _device(cfg, rank)
+    if device == "cpu":
         torch.set_num_threads(max(1, torch.get_num_threads() // world))  # the ranks share this machine's cores
-    dist.init_process_group(
-        "nccl" if cuda else "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=world,
-        timeout=TIMEOUT,
-    )
+    backend = "nccl" if device != "cpu" else "gloo"
+    address = f"tcp://127.0.0.1:{port}"
+    dist.init_process_group(backend, init_method=address, rank=rank, world_size=world, timeout=TIMEOUT)
     try:
-        for i in range(run.num_blocks):
-            if verify_record(run.block_record(i), quick=True) is None:
-                prune_one_ranks(cfg, run, i, sparsities[i], device)
+        _blocks(cfg, run, sparsities, device, None)
+    finally:
+        dist.destroy_process_group()
+
+
+def launched() -> bool:
+    """Whether this process is one rank of a `torchrun` launch (WORLD_SIZE > 1 in its environment)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def _join_launch(cfg: PruneConfig) -> str:
+    device = _device(cfg, int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if device != "cpu" else "gloo", init_method="env://", timeout=TIMEOUT)
+    return device
+
+
+def follow(cfg: PruneConfig) -> None:
+    """A torchrun rank other than 0: join the group, take the run from rank 0 (which runs the flow, its checks,
+    calibration and capture), prune every block with it, and leave. Writes nothing of its own but its shards."""
+    device = _join_launch(cfg)
+    try:
+        got: list = [None]
+        dist.broadcast_object_list(got, src=0)
+        cfg, run, sparsities = got[0]
+        _blocks(cfg, run, sparsities, device, None)
+    finally:
+        dist.destroy_process_group()
+
+
+def _lead(cfg: PruneConfig, run: Run, sparsities: list[float], done: Callable[[int], None] | None) -> None:
+    """Rank 0 of a torchrun launch: hand the run to the other ranks, then prune with them in this process."""
+    device = _join_launch(cfg)
+    try:
+        dist.broadcast_object_list([(cfg, run, sparsities)], src=0)
+        _blocks(cfg, run, sparsities, device, done)
     finally:
         dist.destroy_process_group()
 
@@ -222,7 +268,8 @@ def prune_blocks_parallel(
     cfg: PruneConfig, run: Run, sparsities: list[float], done: Callable[[int], None] | None = None
 ) -> list[dict]:
     """Spawn ``cfg.runtime.nproc`` ranks on this machine and wait for every block's record; ``done(i)`` is called
-    as each block's record appears. A rank that fails stops the others and raises `RunError` (rerun to resume)."""
+    as each block's record appears. A rank that fails stops the others and raises `RunError` (rerun to resume).
+    Under torchrun (`launched`) this process is rank 0 of the launch's ranks and prunes with them instead."""
     import torch.multiprocessing as mp
 
     world, seen = cfg.runtime.nproc, 0
@@ -234,6 +281,9 @@ def prune_blocks_parallel(
                 done(seen)
             seen += 1
 
+    if launched():  # torchrun started the ranks: this is rank 0 (the others run `follow`)
+        _lead(cfg, run, sparsities, done)
+        seen = run.num_blocks
     advance()
     if seen < run.num_blocks:
         ctx = mp.start_processes(
