@@ -37,6 +37,13 @@ os.environ["SPARSEGPT_EVAL_CACHE"] = tempfile.mkdtemp(prefix="sparsegpt-eval-cac
 os.environ["SPARSEGPT_CALIB_CACHE"] = tempfile.mkdtemp(prefix="sparsegpt-calib-cache-")
 
 
+@pytest.fixture(autouse=True)
+def _own_calib_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test gets an empty calibration cache: an entry a sweep test shared must not stand in for the
+    sampling and capture another test watches (or makes fail)."""
+    monkeypatch.setenv("SPARSEGPT_CALIB_CACHE", str(tmp_path_factory.mktemp("calib-cache")))
+
+
 def tiny_config(kind: str, tied: bool | None = None) -> PretrainedConfig:
     """A 3-layer config of `kind` ('llama', 'opt', 'gpt2') with hidden size 32 and vocab 128."""
     common = dict(vocab_size=TINY_VOCAB, bos_token_id=1, eos_token_id=2, pad_token_id=2)
