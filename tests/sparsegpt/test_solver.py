@@ -187,3 +187,23 @@ def test_bad_arguments(kwargs, match):
         return
     with pytest.raises(ValueError, match=match):
         sparsegpt_prune(W, H, **{"sparsity": 0.5, **kwargs})
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_lowest_k_selects_exactly_the_k_lowest(ties):
+    """Against a stable sort: exactly k entries, none above any unselected one; distinct scores give the very
+    set of `topk`; ties at the k-th value go to the first in index order."""
+    from sparsegpt.masks import lowest_k
+
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randint(0, 5, (6, 8), generator=g).float() if ties else torch.rand(6, 8, generator=g)
+    flat = scores.flatten()
+    for k in range(flat.numel() + 1):
+        mask = lowest_k(scores, k).flatten()
+        ref = torch.zeros_like(mask)
+        ref[torch.sort(flat, stable=True).indices[:k]] = True
+        assert int(mask.sum()) == k
+        assert torch.equal(mask, ref), k
+        if not ties and 0 < k:
+            topk = torch.topk(flat, k, largest=False).indices.sort().values
+            assert torch.equal(mask.nonzero().flatten(), topk)
