@@ -193,12 +193,7 @@ def prune_one(cfg: PruneConfig, run: Run, i: int, sparsity: float) -> dict:
                 recon.trained,
             )
             forward_next(block)
-    save_block(run.block_file(i), block.state_dict(), stored, prefix)
-    files = [run.block_file(i)]
-    grids = {f"{prefix}{name}": st.grid for name, st in stats.items() if st.grid is not None}
-    if grids:
-        save_grids(run.grid_file(i), grids)
-        files.append(run.grid_file(i))
+    files = save_block_files(run, i, block, stats, stored, prefix)
     payload = {
         "block": i,
         "seconds": time.perf_counter() - t0,
@@ -215,6 +210,20 @@ def prune_one(cfg: PruneConfig, run: Run, i: int, sparsity: float) -> dict:
     del block
     release_memory()
     return record
+
+
+def save_block_files(
+    run: Run, i: int, block: torch.nn.Module, stats: dict, stored: dict[str, torch.dtype], prefix: str
+) -> list[Path]:
+    """blocks/block_i.safetensors in the checkpoint's dtypes and, with joint quantization, its grids; returns
+    the files its record lists."""
+    save_block(run.block_file(i), block.state_dict(), stored, prefix)
+    files = [run.block_file(i)]
+    grids = {f"{prefix}{name}": st.grid for name, st in stats.items() if st.grid is not None}
+    if grids:
+        save_grids(run.grid_file(i), grids)
+        files.append(run.grid_file(i))
+    return files
 
 
 def _solve(

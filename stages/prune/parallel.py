@@ -37,12 +37,11 @@ from stages.model.blocks import (
     load_block,
     round_to_stored,
     run_block,
-    save_block,
-    save_grids,
     set_weight,
     skeleton,
     stored_dtypes,
 )
+from stages.prune.oneshot import save_block_files
 from stages.prune.pruning import LayerStats, collect_hessians, prune_layer
 from stages.prune.streams import SAMPLES_PER_SHARD, Run, ensure_acts, load_kwargs
 from stages.run.memory import release_memory
@@ -169,12 +168,7 @@ def prune_one_ranks(cfg: PruneConfig, run: Run, i: int, sparsity: float, device:
         with timed(seconds, "write"):  # the boundary's manifest (hashing every shard once) and the block
             every = [s for part in shards for s in (part or {"shards": []})["shards"]]
             write_manifest(run.acts(i + 1), acts.dtype, acts.sample_shape, SAMPLES_PER_SHARD, every)
-            save_block(run.block_file(i), block.state_dict(), stored, prefix)
-            files = [run.block_file(i)]
-            grids = {f"{prefix}{name}": st.grid for name, st in stats.items() if st.grid is not None}
-            if grids:
-                save_grids(run.grid_file(i), grids)
-                files.append(run.grid_file(i))
+            files = save_block_files(run, i, block, stats, stored, prefix)
         payload = {
             "block": i,
             "seconds": time.perf_counter() - t0,
