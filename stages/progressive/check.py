@@ -1,6 +1,6 @@
 """What a progressive run refuses before any work: the model, its positions, the GPU, a run directory
-holding another run, whole-model distillation that cannot fit the device, and an N:M round whose M does
-not divide a layer's width."""
+holding another run, whole-model distillation that cannot fit the device, an N:M round whose M does
+not divide a layer's width, and a `--nproc` its rounds' prunes cannot use."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 from stages.model.checkpoint import check_model, parameter_count
 from stages.progressive.config import ProgressiveConfig
-from stages.prune.check import check_nm_fits, check_nm_hidden
+from stages.prune.check import check_nm_fits, check_nm_hidden, check_ranks
 from stages.run.identity import check_run
 from stages.run.memory import device_bytes
 
@@ -26,6 +26,7 @@ def check(cfg: ProgressiveConfig) -> Path:
     check_run(cfg.root(), cfg.identity(), upgrade=ProgressiveConfig.upgrade)
     if cfg.finetunes:
         check_distill_fits(cfg, model_dir)
+    check_ranks(cfg.prune_config(1))  # --nproc: the rounds' prunes run on data-parallel ranks
     nm_rounds = [k for k in range(1, cfg.rounds + 1) if ":" in cfg.schedule[k - 1]]
     for k in nm_rounds:
         check_nm_hidden(cfg.prune_config(k), config)

@@ -210,6 +210,8 @@ class ProgressiveConfig(Tree):
                 progress=self.runtime.progress,
                 batch_size=self.runtime.batch_size,
                 keep_acts=self.runtime.keep_acts,
+                nproc=self.runtime.nproc,
+                share_inputs=self.runtime.share_inputs,
             ),
         )
 

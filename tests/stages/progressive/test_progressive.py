@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 import stages.finetune.finetune as finetune_mod
 from stages.export.export import export_run
+from stages.progressive.check import check
 from stages.progressive.masks import mask_records
 from stages.progressive.rounds import (
     ProgressiveConfig,
@@ -304,3 +305,26 @@ def test_recovery_distill_that_cannot_fit_is_refused_before_any_work(tiny_llama_
     assert err.rstrip().endswith("use --recovery reconstruct (one block in memory)")
     assert not (tmp_path / "p").exists()
     check.check(tiny_progressive(tiny_llama_dir, tmp_path / "r", recovery="reconstruct"))  # one block: no such limit
+
+
+def test_rounds_prune_on_data_parallel_ranks(tiny_llama_dir, tmp_path, monkeypatch):
+    """`progressive --nproc 2`: every round's prune runs on two ranks (the mask still only grows); fine-tuning
+    stays one process. With --recovery reconstruct the ranks are refused before any work."""
+    import stages.prune.parallel as parallel
+
+    ranks, real = [], parallel.prune_blocks_parallel
+
+    def spy(*a, **k):  # noqa: ANN002, ANN003, ANN202
+        records = real(*a, **k)
+        ranks.append({r.get("ranks") for r in records})
+        return records
+
+    monkeypatch.setattr(parallel, "prune_blocks_parallel", spy)
+    cfg = tiny_progressive(tiny_llama_dir, tmp_path / "p", schedule="0.3,0.5", nsamples=32, nproc=2)
+    assert cfg.prune_config(2).runtime.nproc == 2
+    run_progressive(cfg)
+    assert ranks == [{2}, {2}]  # both rounds' blocks (their records are dropped once a round is done)
+    one, two = read_mask(RoundPaths(cfg.round_dir(1)).mask), read_mask(RoundPaths(cfg.round_dir(2)).mask)
+    assert all(not (one[n] & ~two[n]).any() for n in one)
+    with pytest.raises(ValueError, match="--nproc 2 does not run --reconstruct yet"):
+        check(tiny_progressive(tiny_llama_dir, tmp_path / "r", nsamples=32, nproc=2, recovery="reconstruct"))
