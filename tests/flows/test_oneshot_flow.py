@@ -26,7 +26,6 @@ import torch
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, FlowRunFilter, FlowRunFilterId, LogFilter
 from prefect.settings import PREFECT_API_URL
-from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 import flows.oneshot as flow_mod
@@ -35,6 +34,7 @@ from flows.artifacts import artifact_key
 from flows.oneshot import done_key, oneshot
 from stages.config import PruneConfig
 from stages.prune import oneshot as st
+from tests.configs import run_weights as weights
 from tests.configs import tiny_prune
 from tests.samples import TASK_SAMPLES, task_spec
 
@@ -52,13 +52,6 @@ def tiny_cfg(model: Path, run_dir: Path, **kw) -> PruneConfig:
 def read_artifacts(key: str) -> list:
     with get_client(sync_client=True) as client:
         return client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
-
-
-def weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    for f in sorted((run_dir / "model").glob("*.safetensors")):
-        out.update(load_file(str(f)))
-    return out
 
 
 def assert_same_weights(a: Path, b: Path) -> None:
@@ -282,48 +275,6 @@ def test_failed_run_resumes_with_prefect_flow_run_retry(reference, tmp_path, mon
     tasks = task_states(flow_run_id, expected=N_TASKS, attempt=2)
     assert (tasks["calibrate"], tasks["prune-block-000"], tasks["prune-block-001"]) == ("Cached", "Cached", "Completed")
     assert_same_weights(run_dir, Path(ref_cfg.run_dir))
-
-
-def flow_logs(flow_run_id: UUID, until: str) -> list:
-    """The flow run's logs on the API, once one contains `until` (or after 20 s)."""
-    from prefect.logging.handlers import APILogHandler
-
-    APILogHandler().flush()
-    deadline = time.monotonic() + 20
-    while True:
-        with get_client(sync_client=True) as client:
-            logs = client.read_logs(LogFilter(flow_run_id={"any_": [flow_run_id]}))
-        if any(until in log.message for log in logs) or time.monotonic() > deadline:
-            return logs
-        time.sleep(0.2)
-
-
-def test_user_error_inside_a_flow_is_one_error_line_without_traceback(tiny_llama_dir, tmp_path):
-    """A corpus too short for the windows shows only when calibration tokenizes it: the task's failure is
-    logged as one `error: ...` line, the flow run ends Failed with that message, and the caller gets the
-    exception (the CLI prints it and exits 2)."""
-    short = tmp_path / "short.txt"
-    short.write_text("only a few words here\n")
-    cfg = tiny_prune(tiny_llama_dir, tmp_path / "run", calib=f"text={short}", progress=False)
-    state = oneshot(cfg, return_state=True)
-    assert state.is_failed() and state.message.startswith("calibration corpus"), state.message
-    logs = flow_logs(state.state_details.flow_run_id, "error: calibration corpus")
-    errors = [log.message for log in logs if log.level >= 40]
-    assert len(errors) == 1 and errors[0].startswith("error: calibration corpus"), errors
-    assert not any("Traceback" in log.message for log in logs)
-    with pytest.raises(ValueError, match="calibration corpus"):
-        state.result()
-
-
-def test_defect_inside_a_flow_keeps_its_traceback(tiny_llama_dir, tmp_path, monkeypatch):
-    def broken(cfg, run):
-        raise RuntimeError("a defect, not bad input")
-
-    monkeypatch.setattr(st, "calibrate", broken)
-    state = oneshot(tiny_prune(tiny_llama_dir, tmp_path / "run", progress=False), return_state=True)
-    assert state.is_failed()
-    logs = flow_logs(state.state_details.flow_run_id, "Traceback")
-    assert any("Traceback" in log.message and "a defect, not bad input" in log.message for log in logs)
 
 
 def test_evaluate_flow_agrees_with_the_oneshot_metrics(reference):

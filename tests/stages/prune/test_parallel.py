@@ -19,16 +19,10 @@ from stages.prune.check import check as check_prune
 from stages.prune.oneshot import run_pipeline
 from stages.prune.parallel import assign, partition
 from stages.run.rundir import remove_tree
+from tests.configs import run_weights as weights
 from tests.configs import tiny_prune
 
 REPO = Path(__file__).resolve().parents[3]
-
-
-def weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    for f in sorted((run_dir / "model").glob("*.safetensors")):
-        out.update(load_file(str(f)))
-    return out
 
 
 def assert_close_runs(one: Path, two: Path) -> None:
@@ -114,6 +108,7 @@ def test_bad_rank_counts_are_refused_before_any_work(tiny_llama_dir, tmp_path):
 DRIVER = """
 import sys
 from stages.prune.oneshot import run_pipeline
+from tests.configs import run_weights as weights
 from tests.configs import tiny_prune
 if __name__ == "__main__":
     run_pipeline(tiny_prune(sys.argv[1], sys.argv[2], nsamples=32, cache=False, nproc=2))

@@ -7,15 +7,14 @@ from __future__ import annotations
 
 import threading
 import time
-from pathlib import Path
 
 import pytest
-from safetensors.torch import load_file
 
 import stages.prune.oneshot as st
 import stages.prune.streams as streams
 from stages.prune import shared_inputs
 from stages.prune.oneshot import run_pipeline
+from tests.configs import run_weights as weights
 from tests.configs import tiny_prune
 
 
@@ -36,13 +35,6 @@ def calls(monkeypatch, tmp_path) -> dict[str, int]:
     monkeypatch.setattr(st, "sample_calibration", counted("sample", sample))
     monkeypatch.setattr(streams, "capture_inputs", counted("capture", capture))
     return counts
-
-
-def weights(run_dir: Path) -> dict:
-    out = {}
-    for f in sorted((run_dir / "model").glob("*.safetensors")):
-        out.update(load_file(str(f)))
-    return out
 
 
 def test_a_shared_run_lets_the_next_one_link_its_inputs(tiny_llama_dir, tmp_path, calls):
