@@ -21,10 +21,8 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import time
 from collections.abc import Callable, Iterator
-from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -45,14 +43,12 @@ from stages.prune.oneshot import save_block_files
 from stages.prune.pruning import LayerStats, collect_hessians, prune_layer
 from stages.prune.streams import SAMPLES_PER_SHARD, Run, ensure_acts, load_kwargs
 from stages.run.memory import release_memory
+from stages.run.ranks import TIMEOUT, RankFailed, join_group, rank_device, spawn_ranks
 from stages.run.rundir import RunError, bytes_hashed, prune_old, verify_record, write_record
 from stages.run.shards import ShardSet, ShardWriter, discard, read_shards, write_manifest
 from stages.run.timing import timed
 
 log = logging.getLogger("sparsegpt.pipeline")
-TIMEOUT = timedelta(hours=2)
-"""How long a rank waits in a collective for the others (rank 0's calibration and capture under torchrun, a
-boundary rebuilt after a crash); a rank that dies is noticed at once, not after this."""
 
 
 def partition(nsamples: int, world: int, per_shard: int = SAMPLES_PER_SHARD) -> list[tuple[int, int]]:
@@ -196,22 +192,10 @@ def _blocks(cfg: PruneConfig, run: Run, sparsities: list[float], device: str, do
             done(i)
 
 
-def _device(cfg: PruneConfig, local_rank: int) -> str:
-    if cfg.runtime.device.startswith("cuda"):
-        torch.cuda.set_device(local_rank)
-        return f"cuda:{local_rank}"
-    return "cpu"
-
-
 def rank_main(rank: int, world: int, port: int, cfg: PruneConfig, run: Run, sparsities: list[float]) -> None:
     """One spawned rank's whole prune: every unfinished block in order (`prune_blocks_parallel` spawns it)."""
     logging.basicConfig(level=logging.WARNING)
-    device = _device(cfg, rank)
-    if device == "cpu":
-        torch.set_num_threads(max(1, torch.get_num_threads() // world))  # the ranks share this machine's cores
-    backend = "nccl" if device != "cpu" else "gloo"
-    address = f"tcp://127.0.0.1:{port}"
-    dist.init_process_group(backend, init_method=address, rank=rank, world_size=world, timeout=TIMEOUT)
+    device = join_group(rank, world, port, cfg.runtime.device)
     try:
         _blocks(cfg, run, sparsities, device, None)
     finally:
@@ -224,7 +208,7 @@ def launched() -> bool:
 
 
 def _join_launch(cfg: PruneConfig) -> str:
-    device = _device(cfg, int(os.environ.get("LOCAL_RANK", "0")))
+    device = rank_device(cfg.runtime.device, int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group("nccl" if device != "cpu" else "gloo", init_method="env://", timeout=TIMEOUT)
     return device
 
@@ -252,20 +236,12 @@ def _lead(cfg: PruneConfig, run: Run, sparsities: list[float], done: Callable[[i
         dist.destroy_process_group()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def prune_blocks_parallel(
     cfg: PruneConfig, run: Run, sparsities: list[float], done: Callable[[int], None] | None = None
 ) -> list[dict]:
     """Spawn ``cfg.runtime.nproc`` ranks on this machine and wait for every block's record; ``done(i)`` is called
     as each block's record appears. A rank that fails stops the others and raises `RunError` (rerun to resume).
     Under torchrun (`launched`) this process is rank 0 of the launch's ranks and prunes with them instead."""
-    import torch.multiprocessing as mp
-
     world, seen = cfg.runtime.nproc, 0
 
     def advance() -> None:  # report every block whose record is there, in order
@@ -280,24 +256,12 @@ def prune_blocks_parallel(
         seen = run.num_blocks
     advance()
     if seen < run.num_blocks:
-        ctx = mp.start_processes(
-            rank_main, args=(world, free_port(), cfg, run, sparsities), nprocs=world, join=False, start_method="spawn"
-        )
         try:
-            finished = False
-            while not finished:
-                try:
-                    finished = ctx.join(timeout=1.0)
-                except (mp.ProcessRaisedException, mp.ProcessExitedException) as exc:
-                    raise RunError(
-                        f"a pruning rank failed ({str(exc).strip().splitlines()[-1]}); rerun the same command to "
-                        "resume at the first unfinished block"
-                    ) from exc
-                advance()
-        finally:
-            for proc in ctx.processes:
-                if proc.is_alive():
-                    proc.terminate()
+            spawn_ranks(rank_main, (cfg, run, sparsities), world, advance)
+        except RankFailed as exc:
+            raise RunError(
+                f"a pruning rank failed ({exc.message}); rerun the same command to resume at the first unfinished block"
+            ) from exc
     records = [verify_record(run.block_record(i)) for i in range(run.num_blocks)]
     missing = [i for i, r in enumerate(records) if r is None]
     if missing:
