@@ -7,11 +7,18 @@ process's resident size stays at that stage's peak although nothing uses it.
 starts from what is really in use; elsewhere (macOS, musl) it does nothing. It does not
 run `gc.collect()`: tensors are freed by reference counting, and a full collection over
 the objects torch, transformers and Prefect import costs about 0.25 s a call.
+
+`map_large_allocations()` makes glibc serve every allocation of 1 MiB or more with its own
+mapping, returned to the system when freed. By default glibc raises that threshold as
+large blocks are freed and then serves them from the heap, where a sequence of
+short-lived buffers of changing sizes (FSDP's per-block all-gathers) piles up: measured on
+SmolLM2-135M, a sharded rank's forward peaked 0.9 GiB above its live memory without it.
 """
 
 import ctypes
 import ctypes.util
 import functools
+import os
 from pathlib import Path
 
 
@@ -29,6 +36,24 @@ def release_memory() -> None:
     trim = _malloc_trim()
     if trim is not None:
         trim(0)
+
+
+M_MMAP_THRESHOLD = -3
+"""glibc's mallopt parameter number for the mmap threshold."""
+
+
+def map_large_allocations(threshold: int = 1 << 20) -> None:
+    """Serve allocations of `threshold` bytes or more by mmap (returned on free) in this process; a no-op
+    without glibc or when `MALLOC_MMAP_THRESHOLD_` is set (the user's choice stands)."""
+    if os.environ.get("MALLOC_MMAP_THRESHOLD_"):
+        return
+    name = ctypes.util.find_library("c")
+    try:
+        mallopt = ctypes.CDLL(name).mallopt if name else None
+    except (OSError, AttributeError):
+        return
+    if mallopt is not None:
+        mallopt(M_MMAP_THRESHOLD, threshold)
 
 
 def device_bytes(device: str) -> int | None:
