@@ -170,9 +170,15 @@ class FinetuneRuntime(RuntimeConfig):
     gradient_checkpointing: bool = False
     """Recompute each block's activations in the backward pass instead of keeping them: activation memory of
     one block instead of all, about a third more compute, the same result."""
+    nproc: int = 1
+    """Ranks (torch.distributed, gloo on a CPU, nccl with one GPU each) that fine-tune together with FSDP2:
+    weights, gradients and AdamW state sharded by rows, each step's windows split across ranks. Not part of
+    the fine-tune's identity; a resume on the same count is bit-identical."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.nproc < 1:
+            raise ValueError(f"nproc must be >= 1, got {self.nproc}")
         if self.checkpoint_every < 0:
             raise ValueError(f"checkpoint_every must be >= 0 (0 = only at the end), got {self.checkpoint_every}")
         if self.keep_checkpoints < 1:

@@ -60,45 +60,58 @@ def load_model(
 
 
 def masks_digest(masks: Masks) -> str:
-    """sha256 over the names, shapes and bits of `masks` (part of the run identity)."""
+    """sha256 over the names, shapes and bits of `masks` (part of the run identity). Sharded masks (DTensors)
+    are gathered one at a time, so every rank must call it."""
     h = hashlib.sha256()
     for name in sorted(masks):
-        mask = masks[name].detach().to("cpu")
+        mask = masks[name].detach()
+        mask = (mask.full_tensor() if hasattr(mask, "full_tensor") else mask).to("cpu")
         h.update(f"{name}:{tuple(mask.shape)};".encode())
         h.update(np.packbits(mask.numpy().reshape(-1)).tobytes())
     return h.hexdigest()
 
 
-def _identity(student_dir: Path, teacher_dir: Path | None, cfg: FinetuneConfig, digest: str) -> dict:
+def identity(student_dir: Path, teacher_dir: Path | None, cfg: FinetuneConfig, digest: str) -> dict:
+    """What `finetune_config.json` holds: the config, the student and teacher folders and the masks' digest."""
     config = cfg.to_dict()  # the runtime (device, checkpointing) is not part of it
     teacher = str(Path(teacher_dir).resolve()) if teacher_dir is not None else None
     return {"config": config, "student": str(Path(student_dir).resolve()), "teacher": teacher, "masks": digest}
 
 
-def _pin_identity(out_dir: Path, identity: dict) -> None:
+def pin_identity(out_dir: Path, ident: dict) -> None:
     """Write the identity on a fresh out_dir; refuse an out_dir started with a different one."""
     path = out_dir / CONFIG_JSON
     if path.is_file():
         old = json.loads(path.read_text(encoding="utf-8"))
         # Older out_dirs also stored trust_remote_code and the fine-tune's runtime fields; only today's fields count.
-        old["config"] = {k: v for k, v in old.get("config", {}).items() if k in identity["config"]}
-        diff = config_diff(old, identity)
+        old["config"] = {k: v for k, v in old.get("config", {}).items() if k in ident["config"]}
+        diff = config_diff(old, ident)
         if diff:
             raise ValueError(
                 f"{out_dir} holds a fine-tune with a different configuration ({'; '.join(diff[:5])}); "
                 f"rerun with the same configuration to resume, or use a new out_dir"
             )
         return
-    atomic_write_json(path, identity)
+    atomic_write_json(path, ident)
 
 
-def _seed(seed: int) -> None:
+def enable_checkpointing(model: torch.nn.Module) -> None:
+    """Recompute each block's activations in the backward pass (non-reentrant: works with FSDP2 too)."""
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers renamed it in 5.2x
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (a fresh fine-tune starts here)."""
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
 
 
-def _check_seqlen(model: PreTrainedModel, cfg: FinetuneConfig) -> None:
+def check_seqlen(model: PreTrainedModel, cfg: FinetuneConfig) -> None:
+    """Refuse an unset seqlen or one beyond the model's positions."""
     limit = max_positions(model.config)
     if cfg.seqlen is None:
         raise ValueError("the fine-tune's seqlen is unset; give seqlen (--finetune-seqlen)")
@@ -106,16 +119,21 @@ def _check_seqlen(model: PreTrainedModel, cfg: FinetuneConfig) -> None:
         raise ValueError(f"seqlen={cfg.seqlen} exceeds the model's {limit} positions; set seqlen <= {limit}")
 
 
-def _load_teacher(
-    teacher_dir: Path | None, cfg: FinetuneConfig, device: str, trust_remote_code: bool
-) -> PreTrainedModel | None:
-    if not cfg.needs_teacher:
-        return None
-    if teacher_dir is None:
+def check_teacher(teacher_dir: Path | None, cfg: FinetuneConfig) -> None:
+    """Refuse a missing teacher when a distillation term needs one."""
+    if cfg.needs_teacher and teacher_dir is None:
         raise ValueError(
             f"kl={cfg.kl} and squarehead={cfg.squarehead} need a dense teacher: pass teacher_dir, "
             f"or set kl=0 and squarehead=0 to train on the language-model loss alone"
         )
+
+
+def _load_teacher(
+    teacher_dir: Path | None, cfg: FinetuneConfig, device: str, trust_remote_code: bool
+) -> PreTrainedModel | None:
+    check_teacher(teacher_dir, cfg)
+    if not cfg.needs_teacher:
+        return None
     return load_model(teacher_dir, device, cfg.autocast_dtype or torch.float32, trust_remote_code)
 
 
@@ -132,9 +150,22 @@ def _sparsity(tr: Trainer) -> dict[str, float]:
     return {"zeros": zeros / max(total, 1), "mask": pruned / max(total, 1)}
 
 
+def result_payload(tr: Trainer, seconds: float, sparsity: dict[str, float]) -> dict:
+    """What finetune.json holds besides its files' checksums."""
+    return {
+        "steps": tr.step,
+        "tokens": tr.step * tr.cfg.tokens_per_step,
+        "windows": tr.position,
+        "seconds": seconds,
+        "sparsity": sparsity,
+        "final_loss": tr.history[-1]["total"] if tr.history else None,
+        "losses": tr.history,
+        "config": tr.cfg.to_dict(),
+    }
+
+
 def _finish(tr: Trainer, student_dir: Path, out_dir: Path, seconds: float, trust_remote_code: bool) -> dict:
     """Write model/ (original dtype) and tokenizer, then the finetune.json record; drop checkpoints."""
-    cfg = tr.cfg
     sparsity = _sparsity(tr)
     tmp = out_dir / ".model.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -147,16 +178,7 @@ def _finish(tr: Trainer, student_dir: Path, out_dir: Path, seconds: float, trust
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
     fsync_dir(out_dir)
-    result = {
-        "steps": tr.step,
-        "tokens": tr.step * cfg.tokens_per_step,
-        "windows": tr.position,
-        "seconds": seconds,
-        "sparsity": sparsity,
-        "final_loss": tr.history[-1]["total"] if tr.history else None,
-        "losses": tr.history,
-        "config": cfg.to_dict(),
-    }
+    result = result_payload(tr, seconds, sparsity)
     write_record(out_dir / RESULT_JSON, result, sorted(p for p in final.rglob("*") if p.is_file()))
     shutil.rmtree(out_dir / "ckpt", ignore_errors=True)
     return result
@@ -166,7 +188,7 @@ def _resume(tr: Trainer, out_dir: Path) -> float:
     """Continue from the newest verified checkpoint; return the seconds already spent (0 if none)."""
     ckpt = latest_checkpoint(out_dir / "ckpt")
     if ckpt is None:
-        _seed(tr.cfg.seed)
+        seed_everything(tr.cfg.seed)
         return 0.0
     if ckpt.step > tr.cfg.total_steps:
         raise ValueError(f"checkpoint {ckpt.folder} is past the {tr.cfg.total_steps}-step budget; use a new out_dir")
@@ -194,22 +216,26 @@ def finetune(
     zeroed before the first step. `stop_after=k` returns after step k with a checkpoint
     written and `{"stopped_at": k}` (a time-boxed slice; call again to continue).
     `on_step(step, total_steps, losses)` is called after every optimizer step (progress bars).
-    `runtime` (device, checkpoint interval) may change between a call and its resumption.
+    `runtime` (device, checkpoint interval) may change between a call and its resumption; `runtime.nproc > 1`
+    trains on that many FSDP ranks (`stages.finetune.sharded`).
     """
     out_dir = Path(out_dir)
     if stop_after is not None and stop_after < 1:
         raise ValueError(f"stop_after must be >= 1 or None, got {stop_after}")
     runtime = runtime or FinetuneRuntime()
+    if runtime.nproc > 1:
+        from stages.finetune.sharded import finetune_sharded
+
+        if masks is not None:
+            raise ValueError("sharded ranks take the masks from the student's zeros; pass masks=None with nproc > 1")
+        return finetune_sharded(student_dir, teacher_dir, out_dir, cfg, runtime, trust_remote_code, stop_after, on_step)
     check_autocast(cfg, runtime.device)
     student = load_model(student_dir, runtime.device, trust_remote_code=trust_remote_code)
-    _check_seqlen(student, cfg)
-    if runtime.gradient_checkpointing:  # transformers renamed it activation checkpointing in 5.2x
-        if hasattr(student, "activation_checkpointing_enable"):
-            student.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    check_seqlen(student, cfg)
+    if runtime.gradient_checkpointing:
+        enable_checkpointing(student)
     masks = derive_masks(student) if masks is None else masks
-    _pin_identity(out_dir, _identity(student_dir, teacher_dir, cfg, masks_digest(masks)))
+    pin_identity(out_dir, identity(student_dir, teacher_dir, cfg, masks_digest(masks)))
     done = verify_record(out_dir / RESULT_JSON, quick=True)
     if done is not None:
         return done
@@ -218,20 +244,36 @@ def finetune(
     teacher = _load_teacher(teacher_dir, cfg, runtime.device, trust_remote_code)
     tr = build_trainer(cfg, student, teacher, masks, TokenWindows(tokens, cfg.seed))
     spent = _resume(tr, out_dir)
+    save = lambda seconds: _checkpoint(tr, out_dir, seconds, runtime.keep_checkpoints)  # noqa: E731
+    seconds = run_steps(tr, runtime, spent, stop_after, on_step, save)
+    if tr.step < cfg.total_steps:
+        return {"stopped_at": tr.step, "seconds": seconds, "losses": tr.history}
+    return _finish(tr, student_dir, out_dir, seconds, trust_remote_code)
+
+
+def run_steps(
+    tr: Trainer,
+    runtime: FinetuneRuntime,
+    spent: float,
+    stop_after: int | None,
+    on_step: Callable[[int, int, dict], None] | None,
+    save: Callable[[float], None],
+) -> float:
+    """Train up to the budget (or `stop_after`), `save(seconds)` every `checkpoint_every` steps and on a stop
+    short of the budget; return the training seconds so far (`spent` included)."""
+    total = tr.cfg.total_steps
     start = time.perf_counter()
-    target = cfg.total_steps if stop_after is None else min(stop_after, cfg.total_steps)
+    target = total if stop_after is None else min(stop_after, total)
     saved = tr.step
     while tr.step < target:
         train_step(tr)
         if on_step is not None:
-            on_step(tr.step, cfg.total_steps, tr.history[-1])
+            on_step(tr.step, total, tr.history[-1])
         every = runtime.checkpoint_every
-        if every and tr.step % every == 0 and tr.step < cfg.total_steps:
-            _checkpoint(tr, out_dir, spent + time.perf_counter() - start, runtime.keep_checkpoints)
+        if every and tr.step % every == 0 and tr.step < total:
+            save(spent + time.perf_counter() - start)
             saved = tr.step
     seconds = spent + time.perf_counter() - start
-    if tr.step < cfg.total_steps:
-        if saved != tr.step:
-            _checkpoint(tr, out_dir, seconds, runtime.keep_checkpoints)
-        return {"stopped_at": tr.step, "seconds": seconds, "losses": tr.history}
-    return _finish(tr, student_dir, out_dir, seconds, trust_remote_code)
+    if tr.step < total and saved != tr.step:
+        save(seconds)
+    return seconds

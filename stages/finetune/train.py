@@ -5,7 +5,10 @@ AdamW, its `LambdaLR` schedule, the fp16 gradient scaler, the data position and 
 loss history); `build_trainer` wires it from loaded models and a `FinetuneConfig`, and
 `train_step` runs one optimizer step: `grad_accum` micro-batches of forward (teacher
 under no_grad), loss and backward, then masked gradients, clipping, AdamW, the mask
-re-applied to the weights, and the schedule advanced. `state_dict` / `load_state_dict`
+re-applied to the weights, and the schedule advanced. On sharded ranks (`rank`, `world`:
+`stages.finetune.sharded`) each rank takes an even slice of the step's windows, in
+micro-batches, each loss weighted by its share of the step's windows, and the logged
+losses are summed over ranks: the same step as one process. `state_dict` / `load_state_dict`
 give the training state a checkpoint stores. Used by `stages.finetune.finetune`.
 """
 
@@ -60,6 +63,10 @@ class Trainer:
     """Per step: step, lr, total and each active loss term, grad_norm (when clipping)."""
     captures: tuple[BlockOutputs, BlockOutputs] | None = None
     """Block-output hooks on (student, teacher) when squarehead is on."""
+    rank: int = 0
+    """This process's rank among the ranks that train the (sharded) student together."""
+    world: int = 1
+    """How many ranks train it (1: one process)."""
 
 
 def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -71,7 +78,12 @@ def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]
 
 
 def build_trainer(
-    cfg: FinetuneConfig, student: nn.Module, teacher: nn.Module | None, masks: Masks, data: TokenWindows
+    cfg: FinetuneConfig,
+    student: nn.Module,
+    teacher: nn.Module | None,
+    masks: Masks,
+    data: TokenWindows,
+    ranks: tuple[int, int] = (0, 1),
 ) -> Trainer:
     """Wire optimizer, schedule, scaler and hooks; zero the pruned weights once."""
     masks = {k: v.to(next(student.parameters()).device) for k, v in masks.items()}
@@ -87,7 +99,20 @@ def build_trainer(
     captures = None
     if cfg.squarehead > 0 and teacher is not None:
         captures = (BlockOutputs(student), BlockOutputs(teacher))
-    return Trainer(cfg, student, teacher, masks, masked, data, optimizer, scheduler, scaler, captures=captures)
+    return Trainer(
+        cfg,
+        student,
+        teacher,
+        masks,
+        masked,
+        data,
+        optimizer,
+        scheduler,
+        scaler,
+        captures=captures,
+        rank=ranks[0],
+        world=ranks[1],
+    )
 
 
 def _autocast(cfg: FinetuneConfig, device_type: str) -> Any:
@@ -113,25 +138,47 @@ def _forward(tr: Trainer, ids: torch.Tensor) -> dict[str, torch.Tensor]:
     return distill_losses(weights, cfg.temperature, ids, (s_logits, s_blocks), teacher_out)
 
 
+def micro_batches(cfg: FinetuneConfig, rank: int, world: int) -> list[tuple[int, int]]:
+    """This rank's (offset, windows) micro-batches of one step: an even slice of the step's windows, in
+    micro-batches of at most `micro_batch_size` (one process: the `grad_accum` micro-batches)."""
+    per_step = cfg.micro_batch_size * cfg.grad_accum
+    lo, hi = rank * per_step // world, (rank + 1) * per_step // world
+    return [(a, min(a + cfg.micro_batch_size, hi) - a) for a in range(lo, hi, cfg.micro_batch_size)]
+
+
+def _sum_over_ranks(sums: dict[str, float]) -> dict[str, float]:
+    import torch.distributed as dist
+
+    names = sorted(sums)
+    total = torch.tensor([sums[n] for n in names], dtype=torch.float64)
+    dist.all_reduce(total)
+    return dict(zip(names, total.tolist(), strict=True))
+
+
 def train_step(tr: Trainer) -> dict[str, float]:
-    """One optimizer step over `grad_accum` micro-batches; appends to and returns the history entry."""
+    """One optimizer step over the step's windows; appends to and returns the history entry."""
     cfg = tr.cfg
     device = next(tr.student.parameters()).device
     lr = tr.optimizer.param_groups[0]["lr"]
     tr.optimizer.zero_grad(set_to_none=True)
     sums: dict[str, float] = {}
-    for _ in range(cfg.grad_accum):
-        ids = tr.data.batch(tr.position, cfg.micro_batch_size).to(device)  # (b, seqlen)
-        tr.position += cfg.micro_batch_size
+    per_step = cfg.micro_batch_size * cfg.grad_accum
+    for offset, n in micro_batches(cfg, tr.rank, tr.world):
+        ids = tr.data.batch(tr.position + offset, n).to(device)  # (n, seqlen)
         terms = _forward(tr, ids)
-        tr.scaler.scale(terms["total"] / cfg.grad_accum).backward()
+        share = per_step / (n * tr.world)  # one process: grad_accum; sharded gradients are averaged over ranks
+        tr.scaler.scale(terms["total"] / share).backward()
         for name, value in terms.items():
-            sums[name] = sums.get(name, 0.0) + float(value.detach()) / cfg.grad_accum
+            sums[name] = sums.get(name, 0.0) + float(value.detach()) / (per_step / n)
+    tr.position += per_step
+    if tr.world > 1:
+        sums = _sum_over_ranks(sums)
     tr.scaler.unscale_(tr.optimizer)
     mask_gradients(tr.masked, tr.masks)
     entry = {"step": tr.step + 1, "lr": lr, **sums}
     if cfg.max_grad_norm is not None:
         norm = torch.nn.utils.clip_grad_norm_(tr.student.parameters(), cfg.max_grad_norm)
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # a DTensor on sharded ranks
         entry["grad_norm"] = float(norm)
     tr.scaler.step(tr.optimizer)
     tr.scaler.update()
@@ -142,19 +189,17 @@ def train_step(tr: Trainer) -> dict[str, float]:
     return entry
 
 
-def state_dict(tr: Trainer) -> dict[str, Any]:
-    """Optimizer, scheduler, scaler and RNG states (what `torch.save` writes into train_state.pt)."""
-    return {
-        "optimizer": tr.optimizer.state_dict(),
-        "scheduler": tr.scheduler.state_dict(),
-        "scaler": tr.scaler.state_dict(),
-        "rng": rng_state(),
-    }
+def state_dict(tr: Trainer, optimizer: bool = True) -> dict[str, Any]:
+    """Optimizer (unless sharded ranks store it elsewhere), scheduler, scaler and RNG states (what `torch.save`
+    writes into train_state.pt)."""
+    state = {"scheduler": tr.scheduler.state_dict(), "scaler": tr.scaler.state_dict(), "rng": rng_state()}
+    return {"optimizer": tr.optimizer.state_dict(), **state} if optimizer else state
 
 
 def load_state_dict(tr: Trainer, state: dict[str, Any]) -> None:
-    """Restore what `state_dict` returned (weights are loaded separately)."""
-    tr.optimizer.load_state_dict(state["optimizer"])
+    """Restore what `state_dict` returned (weights, and a sharded optimizer, are loaded separately)."""
+    if "optimizer" in state:
+        tr.optimizer.load_state_dict(state["optimizer"])
     tr.scheduler.load_state_dict(state["scheduler"])
     tr.scaler.load_state_dict(state["scaler"])
     set_rng_state(state["rng"])
