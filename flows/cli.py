@@ -57,6 +57,11 @@ def _progressive(args: argparse.Namespace) -> int:
     from stages.config import parse_nm
     from stages.progressive.config import ProgressiveConfig
 
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError(
+            "sparsegpt progressive does not run under torchrun (each process would run every round); "
+            "start it as one process and give --nproc N for N local ranks"
+        )
     if args.ramp:
         if "schedule" in vars(args):
             raise ValueError("give either --schedule or --nm (an N:M ramp), not both")

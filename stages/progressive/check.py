@@ -1,6 +1,6 @@
 """What a progressive run refuses before any work: the model, its positions, the GPU, a run directory
-holding another run, whole-model distillation that cannot fit the device, an N:M round whose M does
-not divide a layer's width, and a `--nproc` its rounds' prunes cannot use."""
+holding another run, whole-model distillation that cannot fit the device(s), an N:M round whose M does
+not divide a layer's width, and a `--nproc` its rounds' prunes or sharded fine-tunes cannot use."""
 
 from __future__ import annotations
 
@@ -27,6 +27,10 @@ def check(cfg: ProgressiveConfig) -> Path:
     if cfg.finetunes:
         check_distill_fits(cfg, model_dir)
     check_ranks(cfg.prune_config(1))  # --nproc: the rounds' prunes run on data-parallel ranks
+    if cfg.finetunes and cfg.runtime.nproc > 1:  # ... and their fine-tunes on FSDP ranks
+        from stages.finetune.sharded import check_sharded
+
+        check_sharded(cfg.finetune_config(1), cfg.runtime, model_dir)
     nm_rounds = [k for k in range(1, cfg.rounds + 1) if ":" in cfg.schedule[k - 1]]
     for k in nm_rounds:
         check_nm_hidden(cfg.prune_config(k), config)
@@ -46,12 +50,16 @@ DISTILL_BYTES_PER_PARAMETER = 20
 
 def check_distill_fits(cfg: ProgressiveConfig, model_dir: Path) -> None:
     """Refuse `--recovery distill|both` when the model's parameters alone, at `DISTILL_BYTES_PER_PARAMETER`,
-    exceed the device's memory (counted from the safetensors headers, nothing loaded)."""
+    exceed the device's memory (counted from the safetensors headers, nothing loaded); with `--nproc N` on GPUs
+    each holds a 1/N shard (on a CPU the ranks share the machine's memory)."""
     params = parameter_count(model_dir)
-    need, have = params * DISTILL_BYTES_PER_PARAMETER, device_bytes(cfg.runtime.device)
+    shards = cfg.runtime.nproc if cfg.runtime.device.startswith("cuda") else 1
+    need, have = params * DISTILL_BYTES_PER_PARAMETER / shards, device_bytes(cfg.runtime.device)
     if have is not None and need > have:
+        per = f" in {shards} shards" if shards > 1 else ""
         raise ValueError(
-            f"--recovery {cfg.recovery} distils the whole model: {params / 1e9:.2f}B parameters need at least "
+            f"--recovery {cfg.recovery} distils the whole model: {params / 1e9:.2f}B parameters{per} need at least "
             f"{need / 2**30:.1f} GiB ({DISTILL_BYTES_PER_PARAMETER} bytes each: student, gradients, Adam, teacher) "
             f"and {cfg.runtime.device} has {have / 2**30:.1f} GiB; use --recovery reconstruct (one block in memory)"
+            + (", or more GPUs (--nproc)" if cfg.runtime.device.startswith("cuda") else "")
         )

@@ -110,6 +110,11 @@ class ProgressiveRuntime(PruneRuntime, FinetuneRuntime):
 
     checkpoint_every: int = 50
     """Fine-tuning checkpoint interval in optimizer steps; 0 writes none before the end."""
+    nproc: int = 1
+    """Ranks (torch.distributed, gloo on a CPU, nccl with one GPU each) of every round: its prune runs
+    data-parallel (calibration windows split, Hessians all-reduced, solves split by cost) and its whole-model
+    fine-tune runs sharded with FSDP2 (weights, gradients and AdamW state split by rows). Not part of the run's
+    identity."""
     rounds_per_run: int | None = None
     """Advance at most this many rounds per call (scheduled runs); unset runs to the end."""
 

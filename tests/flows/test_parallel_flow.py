@@ -56,3 +56,13 @@ def test_torchrun_ranks_prune_through_the_cli(tiny_llama_dir, tmp_path):
     assert (run_dir / "eval" / "metrics.json").is_file()
     ref = run_pipeline(tiny_prune(tiny_llama_dir, tmp_path / "ref", nsamples=32, cache=False))
     assert_close_runs(ref.root, run_dir)
+
+
+def test_progressive_under_torchrun_is_refused_with_the_fix(tiny_llama_dir, tmp_path):
+    """Every torchrun process would run every round: the CLI refuses it in one line, exit 2, nothing written."""
+    env = {**os.environ, "WORLD_SIZE": "2", "RANK": "0", "PYTHONPATH": str(REPO)}
+    run_dir = tmp_path / "p"
+    cmd = [sys.executable, "-m", "flows.cli", "progressive", str(tiny_llama_dir), "--run-dir", str(run_dir)]
+    done = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "give --nproc N for N local ranks" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and not run_dir.exists()

@@ -308,8 +308,8 @@ def test_recovery_distill_that_cannot_fit_is_refused_before_any_work(tiny_llama_
 
 
 def test_rounds_prune_on_data_parallel_ranks(tiny_llama_dir, tmp_path, monkeypatch):
-    """`progressive --nproc 2`: every round's prune runs on two ranks (the mask still only grows); fine-tuning
-    stays one process. With --recovery reconstruct the ranks are refused before any work."""
+    """`progressive --nproc 2`: every round's prune runs on two data-parallel ranks (the mask still only grows)
+    and its fine-tune on two FSDP ranks. With --recovery reconstruct the ranks are refused before any work."""
     import stages.prune.parallel as parallel
 
     ranks, real = [], parallel.prune_blocks_parallel
@@ -326,5 +326,28 @@ def test_rounds_prune_on_data_parallel_ranks(tiny_llama_dir, tmp_path, monkeypat
     assert ranks == [{2}, {2}]  # both rounds' blocks (their records are dropped once a round is done)
     one, two = read_mask(RoundPaths(cfg.round_dir(1)).mask), read_mask(RoundPaths(cfg.round_dir(2)).mask)
     assert all(not (one[n] & ~two[n]).any() for n in one)
+    for k in (1, 2):
+        tuned = json.loads((RoundPaths(cfg.round_dir(k)).finetune / "finetune.json").read_text())
+        assert tuned["ranks"] == 2 and len(tuned["peak"]) == 2
     with pytest.raises(ValueError, match="--nproc 2 does not run --reconstruct yet"):
         check(tiny_progressive(tiny_llama_dir, tmp_path / "r", nsamples=32, nproc=2, recovery="reconstruct"))
+
+
+def test_distill_need_is_split_over_gpu_ranks(tiny_llama_dir, tmp_path, monkeypatch):
+    """With --nproc N on GPUs each rank holds 1/N of the 20 bytes a parameter; on a CPU the ranks share one
+    memory, so the need stays whole."""
+    import stages.progressive.check as check
+
+    need = check.parameter_count(tiny_llama_dir) * check.DISTILL_BYTES_PER_PARAMETER
+    monkeypatch.setattr(check, "device_bytes", lambda device: need * 0.4)
+
+    def fits(device: str, nproc: int) -> None:
+        check.check_distill_fits(
+            tiny_progressive(tiny_llama_dir, tmp_path / "p", device=device, nproc=nproc), tiny_llama_dir
+        )
+
+    fits("cuda", 3)  # a third of the need on each GPU
+    with pytest.raises(ValueError, match=r"parameters in 2 shards need .* or more GPUs \(--nproc\)$"):
+        fits("cuda", 2)
+    with pytest.raises(ValueError, match=r"parameters need .*; use --recovery reconstruct \(one block in memory\)$"):
+        fits("cpu", 3)
