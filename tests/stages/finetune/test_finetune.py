@@ -20,8 +20,7 @@ from stages.finetune.finetune import finetune
 from stages.finetune.loss import BlockOutputs, derive_masks, kl_loss, squarehead_loss
 from stages.model.blocks import find_blocks, find_layers
 from stages.model.models import load_tokenizer
-
-TEXT = "the quick brown fox jumps over the lazy dog; pack my box with five dozen jugs.\n" * 60
+from tests.stages.finetune.conftest import TEXT
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -31,14 +30,6 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """A `text=PATH` SPEC of a small repetitive corpus (~4.8k characters)."""
-    path = tmp_path_factory.mktemp("corpus") / "train.txt"
-    path.write_text(TEXT, encoding="utf-8")
-    return f"text={path}"
 
 
 @pytest.fixture(scope="module")

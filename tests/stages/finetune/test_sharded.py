@@ -26,7 +26,6 @@ from stages.finetune.sharded import check_sharded
 from stages.model.blocks import find_blocks, find_layers
 from tests.conftest import tiny_config, tiny_tokenizer
 
-TEXT = "the quick brown fox jumps over the lazy dog; pack my box with five dozen jugs.\n" * 60
 DROPOUTS = ("resid_pdrop", "embd_pdrop", "attn_pdrop", "dropout", "attention_dropout", "activation_dropout")
 TWO = FinetuneRuntime(checkpoint_every=2, nproc=2)
 
@@ -51,13 +50,6 @@ def save_pair(kind: str, folder: Path) -> tuple[Path, Path]:
     for path in (dense, pruned):
         tiny_tokenizer().save_pretrained(path)
     return dense, pruned
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory: pytest.TempPathFactory) -> str:
-    path = tmp_path_factory.mktemp("corpus") / "train.txt"
-    path.write_text(TEXT, encoding="utf-8")
-    return f"text={path}"
 
 
 @pytest.fixture(scope="module")
