@@ -14,6 +14,15 @@ it runs, plus the activations of its share of the windows.
 
     python benchmarks/bench_fsdp.py                           # SmolLM2-135M, 50% magnitude, 8 steps
     python benchmarks/bench_fsdp.py --steps 4 --seqlen 128 --ranks 2
+    python benchmarks/bench_fsdp.py --shape llama3-8b --blocks 4,8   # loading and saving at scale
+
+With `--shape` (a real model's shape, random-init bf16 from `benchmarks/scale_ckpt.py`, cut to each
+depth of `--blocks`) it measures instead what a model too big for one process needs of each rank
+to load and save: 2 ranks read the checkpoint into fp32 FSDP2 shards (`stages.model.sharded.
+load_sharded`, as the fine-tune's student) and write it back (`save_sharded`); it prints each rank's
+peak RSS above its start against its shards' bytes and the largest unit's full fp32 bytes (a block,
+or an untied embedding; the bound: shards + about one unit), how that excess changes with depth,
+and whether every written tensor equals the checkpoint's (bf16 -> fp32 -> bf16 is exact).
 
 Run it alone on the machine: the times are wall times. Each run is written under --work and
 reused when its bench.json is there (delete --work to measure again).
@@ -24,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -106,6 +116,79 @@ def curve_diff(a: list[dict], b: list[dict]) -> float:
     return max(abs(x[k] - y[k]) / max(abs(x[k]), 1e-12) for x, y in zip(a, b, strict=True) for k in x if k != "step")
 
 
+def load_rank(rank: int, world: int, port: int, ckpt: Path, out: Path, report: Path) -> None:
+    """One rank of the scale check: load `ckpt` sharded in fp32, save it to `out`, write its figures."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from stages.model.blocks import find_blocks
+    from stages.model.sharded import load_sharded, save_sharded
+    from stages.run.memory import map_large_allocations
+    from stages.run.ranks import join_group
+
+    map_large_allocations()  # as the fine-tune's ranks do
+    join_group(rank, world, port, "cpu")
+    start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    t0 = time.perf_counter()
+    model = load_sharded(ckpt, init_device_mesh("cpu", (world,)), "cpu", torch.float32)
+    loaded, t_load = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, time.perf_counter() - t0
+    shards = sum(p.to_local().numel() * p.element_size() for p in model.parameters())
+    _, blocks = find_blocks(model)
+    units = [*blocks, model.get_input_embeddings(), model.get_output_embeddings()]
+    unit = max(sum(p.numel() * p.element_size() for p in u.parameters()) for u in units)  # full (global) sizes
+    t0 = time.perf_counter()
+    save_sharded(model, ckpt, out)
+    saved, t_save = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, time.perf_counter() - t0
+    figures = dict(start=start, loaded=loaded, saved=saved, shards=shards, unit=unit, load_s=t_load, save_s=t_save)
+    (report / f"rank{rank}.json").write_text(json.dumps(figures))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def same_tensors(a: Path, b: Path) -> bool:
+    """Every tensor of checkpoint `a` equals `b`'s, compared one tensor at a time."""
+    from stages.model.checkpoint import SafetensorsIndex
+
+    ia, ib = SafetensorsIndex.open(a), SafetensorsIndex.open(b)
+    if sorted(ia.keys()) != sorted(ib.keys()):
+        return False
+    for key in ia.keys():
+        ta, tb = ia.load([key])[key], ib.load([key])[key]
+        if ta.dtype != tb.dtype or not torch.equal(ta, tb):
+            return False
+    return True
+
+
+def scale(shape: str, depths: list[int], work: Path) -> None:
+    """Load and save `shape` cut to each depth on 2 ranks; print the per-rank memory against shards + a block."""
+    from benchmarks.scale_ckpt import write_checkpoint
+    from stages.run.ranks import spawn_ranks
+
+    print(f"{shape}: load_sharded (fp32) + save_sharded on 2 gloo ranks, {torch.get_num_threads()} threads")
+    print(
+        "\n| blocks | checkpoint GiB | rank | shards GiB | largest unit GiB | load s | peak above start after load GiB "
+        "| save s | after save GiB | excess over shards, in units | written equals checkpoint |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for k in depths:
+        ckpt, out, report = work / f"{shape}-{k}", work / f"{shape}-{k}-out", work / f"{shape}-{k}-report"
+        marker = write_checkpoint(shape, ckpt, blocks=k)
+        report.mkdir(parents=True, exist_ok=True)
+        spawn_ranks(load_rank, (ckpt, out, report), 2)
+        equal = same_tensors(ckpt, out)
+        for r in range(2):
+            f = json.loads((report / f"rank{r}.json").read_text())
+            above = max(f["loaded"], f["saved"]) - f["start"]
+            print(
+                f"| {k} | {marker['bytes'] / 2**30:.2f} | {r} | {f['shards'] / 2**30:.2f} | {f['unit'] / 2**30:.2f} | "
+                f"{f['load_s']:.0f} | {(f['loaded'] - f['start']) / 2**30:.2f} | {f['save_s']:.0f} | "
+                f"{(f['saved'] - f['start']) / 2**30:.2f} | {(above - f['shards']) / f['unit']:.2f} | "
+                f"{'yes' if equal else 'NO'} |",
+                flush=True,
+            )
+        shutil.rmtree(out, ignore_errors=True)
+
+
 def main() -> None:
     from stages.finetune.config import FinetuneConfig
     from stages.model.checkpoint import resolve_model
@@ -120,7 +203,12 @@ def main() -> None:
     p.add_argument("--grad-accum", type=int, default=2)
     p.add_argument("--ranks", default="2", help="rank counts to run besides one process, e.g. 2,4")
     p.add_argument("--work", type=Path, default=ROOT / "runs" / "bench_fsdp")
+    p.add_argument("--shape", help="a scale_ckpt shape (llama3-8b, ...): measure loading and saving instead")
+    p.add_argument("--blocks", default="4,8", help="with --shape: the depths to cut the shape to")
     args = p.parse_args()
+    if args.shape:
+        scale(args.shape, [int(x) for x in args.blocks.split(",")], args.work)
+        return
     train = args.wikitext / "wiki.valid.raw"  # the shared data has no train split; any text serves here
     dataset = f"wikitext2={train}" if train.is_file() else "pydoc"
     dense = resolve_model(args.model)

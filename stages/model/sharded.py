@@ -3,15 +3,17 @@
 `load_sharded(model_dir, mesh, device, dtype)` builds the model on the meta device and
 materializes it one unit at a time, every rank reading the same tensors: each decoder
 block (its tensors read from the checkpoint, then `fully_shard`, which keeps this rank's
-rows and frees the rest), then the non-block tensors (embeddings, final norm, lm_head;
-ties and non-persistent buffers as `from_pretrained` makes them) and the root
-`fully_shard`. A rank never holds more than one block's full tensors beside its shards.
+rows and frees the rest), the input and output embeddings when they are not tied (each
+its own unit: at 8B an fp32 embedding outweighs a block), then the remaining tensors
+(final norm, tied embeddings; ties and non-persistent buffers as `from_pretrained` makes
+them) and the root `fully_shard`. A rank never holds more than one unit's full tensors
+beside its shards (saving: one tensor).
 
 `save_sharded(model, src_dir, out_dir)` writes the model back as a Hugging Face
-checkpoint with the source checkpoint's tensor names and dtypes, in shards of whole
-blocks: every rank gathers one block at a time (`full_tensor`), rank 0 streams it into the
-output shard (`stages.model.assemble.write_shards`) and copies config, generation config
-and tokenizer files. All ranks must call both functions in the same order.
+checkpoint with the source checkpoint's tensor names and dtypes: every rank casts its shard
+of one tensor at a time to the written dtype and gathers it (`full_tensor`), rank 0 streams
+it into the output shard (`stages.model.assemble.write_shards`) and copies config,
+generation config and tokenizer files. All ranks must call both functions in the same order.
 """
 
 from __future__ import annotations
@@ -76,14 +78,33 @@ def load_sharded(
             by_block[int(i)][key] = local
         else:
             rest[key] = name
-    for block, names in zip(blocks, by_block, strict=True):
-        _materialize(block, model, index, names, dtype, device)
-        block.requires_grad_(trainable)
-        fully_shard(block, mesh=mesh)
+    units = list(zip(blocks, by_block, strict=True))
+    for module in _embeddings(model):  # an untied embedding or lm_head (2 GiB in fp32 at 8B) is a unit of its own
+        prefix = f"{_name_of(model, module)}."
+        mine = {k: n for k, n in rest.items() if n.startswith(prefix)}
+        units.append((module, {k: n[len(prefix) :] for k, n in mine.items()}))
+        rest = {k: n for k, n in rest.items() if k not in mine}
+    for unit, names in units:
+        _materialize(unit, model, index, names, dtype, device)
+        unit.requires_grad_(trainable)
+        fully_shard(unit, mesh=mesh)
     _materialize(model, model, index, rest, dtype, device)
     model.requires_grad_(trainable)
     fully_shard(model, mesh=mesh)
     return model
+
+
+def _embeddings(model: PreTrainedModel) -> list[nn.Module]:
+    """The input and output embeddings, when they are not tied (tied ones stay with the root's tensors: one
+    parameter cannot be sharded by two units)."""
+    inp, out = model.get_input_embeddings(), model.get_output_embeddings()
+    if out is None or inp is None or out.weight is inp.weight:
+        return []
+    return [inp, out]
+
+
+def _name_of(model: nn.Module, module: nn.Module) -> str:
+    return next(name for name, m in model.named_modules() if m is module)
 
 
 def _materialize(
@@ -98,27 +119,24 @@ def _materialize(
     materialize(module, owner, {names[k]: t for k, t in state.items()}, device)
 
 
-def _gather(state: dict[str, torch.Tensor], names: dict[str, str]) -> dict[str, torch.Tensor]:
-    """Full tensors under their checkpoint names, gathered from every rank (a collective)."""
-    out = {}
-    for key, name in names.items():
-        t = state[name].detach()
-        out[key] = (t.full_tensor() if hasattr(t, "full_tensor") else t).to("cpu")
-    return out
+def _gather(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The full tensor in `dtype` on the CPU, cast before it is gathered from every rank (a collective)."""
+    t = tensor.detach().to(dtype)  # a DTensor casts its shard: the gather moves and holds the written bytes
+    return (t.full_tensor() if hasattr(t, "full_tensor") else t).to("cpu")
 
 
 def _units(model: PreTrainedModel, src_dir: Path, trust_remote_code: bool) -> list[Unit]:
-    """The source checkpoint's tensors in units (non-block tensors, then one block at a time), loaded from the
-    sharded model on demand, written in the source's dtypes under the source's names."""
-    sk = skeleton(src_dir, trust_remote_code)
+    """The source checkpoint's tensors, one unit each in its order (an untied fp32 embedding gathered whole
+    outweighs a block), gathered from the sharded model on demand, in the source's dtypes."""
     keys = model_keys(model, src_dir, trust_remote_code)
     layout = original_layout(SafetensorsIndex.open(src_dir))
     state = model.state_dict()
-    groups: list[dict[str, str]] = [{} for _ in range(sk.num_blocks + 1)]
-    for key, name in keys.items():
-        i = sk.block_of(key)
-        groups[0 if i is None else i + 1][key] = name
-    return [Unit({k: layout[k] for k in names}, lambda names=names: _gather(state, names)) for names in groups if names]
+
+    def unit(key: str, name: str) -> Unit:
+        dtype = layout[key][0]
+        return Unit({key: layout[key]}, lambda: {key: _gather(state[name], dtype)})
+
+    return [unit(key, name) for key, name in keys.items()]
 
 
 def save_sharded(
