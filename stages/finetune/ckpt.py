@@ -132,7 +132,7 @@ def load_checkpoint(ckpt: Checkpoint, model: nn.Module) -> tuple[dict[str, Any],
     """Load the weights into `model` in place; return the training state and the loss history."""
     if not (ckpt.folder / WEIGHTS).is_file() and (ckpt.folder / DCP).is_dir():
         raise ValueError(
-            f"{ckpt.folder} was written by sharded ranks; resume it with the same --nproc, or delete "
+            f"{ckpt.folder} was written by sharded ranks; resume it with --nproc 2 or more, or delete "
             f"{ckpt.folder.parent} to start the fine-tune over"
         )
     missing, unexpected = load_model(model, ckpt.folder / WEIGHTS, strict=False, device="cpu")

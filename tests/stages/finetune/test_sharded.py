@@ -100,7 +100,7 @@ def test_resume_on_two_ranks_is_bit_identical(llama: tuple[Path, Path], corpus: 
     stopped = finetune(pruned, dense, tmp_path / "b", cfg, TWO, stop_after=3)
     assert stopped["stopped_at"] == 3 and [e["step"] for e in stopped["losses"]] == [1, 2, 3]
     assert (tmp_path / "b" / "ckpt" / "step_00000003" / "dcp" / ".metadata").is_file()
-    with pytest.raises(ValueError, match="written by sharded ranks; resume it with the same --nproc"):
+    with pytest.raises(ValueError, match="written by sharded ranks; resume it with --nproc 2 or more"):
         finetune(pruned, dense, tmp_path / "b", cfg, FinetuneRuntime())  # one process cannot take it over
     # the runtime may change on a resume: recomputing activations (non-reentrant, inside FSDP's hooks) gives
     # the very same gradients
@@ -169,3 +169,27 @@ def test_bad_input_is_refused_with_the_fix(llama: tuple[Path, Path], corpus: str
     with pytest.raises(ValueError, match=r"seqlen=100000 exceeds the model's \d+ positions"):
         finetune(pruned, dense, tmp_path / "s", make_cfg(corpus, seqlen=100000), TWO)
     assert not (tmp_path / "s" / "finetune.json").exists()
+    # a one-process checkpoint is not taken over by ranks either
+    finetune(pruned, dense, tmp_path / "one", make_cfg(corpus), FinetuneRuntime(checkpoint_every=2), stop_after=2)
+    with pytest.raises(ValueError, match="written by one process; resume it with --nproc 1"):
+        finetune(pruned, dense, tmp_path / "one", make_cfg(corpus), TWO)
+
+
+def test_a_resume_may_change_the_rank_count(llama: tuple[Path, Path], corpus: str, tmp_path: Path) -> None:
+    """Two ranks stop after step 3, three ranks finish: the checkpoint (weights and AdamW state) is resharded on
+    load. Step 4 starts from the same weights, so its terms that are means over windows (lm, kl) equal the
+    uninterrupted run's; SquareHead normalises per micro-batch, and three ranks group the windows 1/1/2 instead
+    of 2/2, so the rest moves by that grouping only."""
+    dense, pruned = llama
+    cfg = make_cfg(corpus)
+    straight = finetune(pruned, dense, tmp_path / "a", cfg, TWO)
+    finetune(pruned, dense, tmp_path / "b", cfg, TWO, stop_after=3)
+    resumed = finetune(pruned, dense, tmp_path / "b", cfg, replace(TWO, nproc=3))
+    assert resumed["ranks"] == 3 and resumed["losses"][:3] == straight["losses"][:3]
+    a, b = straight["losses"][3], resumed["losses"][3]
+    assert (
+        b["step"] == 4 and b["lm"] == pytest.approx(a["lm"], rel=1e-5) and b["kl"] == pytest.approx(a["kl"], rel=1e-5)
+    )
+    for a, b in zip(straight["losses"][3:], resumed["losses"][3:], strict=True):
+        assert b["total"] == pytest.approx(a["total"], rel=1e-2), a["step"]
+    assert resumed["sparsity"] == straight["sparsity"]
