@@ -36,6 +36,7 @@ from stages.model.models import load_tokenizer, max_positions
 from stages.run.memory import release_memory
 from stages.run.rundir import atomic_write_json, verify_record, write_record
 from stages.run.shared import entry_lock
+from stages.run.transfer import HostSink, device_batches, rows_into
 
 HEAD_CHUNK = 128
 """Positions per call of the model's head in `blockwise_perplexity`: bounds its logits to (128, vocab)."""
@@ -58,9 +59,10 @@ def blockwise_perplexity(
     n_blocks = skeleton(model_dir, trust_remote_code).num_blocks
     for i in tqdm(range(n_blocks), desc=desc, disable=not progress, leave=False):
         block = load_block(model_dir, i, device, dtype, trust_remote_code)
-        for j in range(0, nwin, batch_size):
-            x = hidden[j : j + batch_size].to(device)
-            hidden[j : j + batch_size] = run_block(block, x, kwargs).to("cpu")
+        inputs = (hidden[j : j + batch_size] for j in range(0, nwin, batch_size))
+        with HostSink(rows_into(hidden)) as outputs:  # each batch's outputs overwrite its inputs' rows
+            for x in device_batches(inputs, device):
+                outputs(run_block(block, x, kwargs))
         del block
         release_memory()
     head = Head(model_dir, device, dtype, trust_remote_code)

@@ -21,6 +21,7 @@ from transformers.cache_utils import Cache
 
 from stages.model.blocks import Kwargs, find_blocks, materialize, meta_model, move_kwargs
 from stages.model.checkpoint import SafetensorsIndex
+from stages.run.transfer import HostSink, device_batches
 
 PathLike = str | os.PathLike
 
@@ -146,10 +147,11 @@ def capture_inputs(
                 "per-block kwargs are not supported yet"
             )
     state.stop_at, hidden = 0, []
-    for batch in input_ids.split(batch_size):
-        state.calls.clear()
-        _run_trunk(model, batch.to(device))
-        hidden.append(state.calls[0][1].to("cpu"))
+    with HostSink(hidden.append) as outputs:
+        for batch in device_batches(input_ids.split(batch_size), device):
+            state.calls.clear()
+            _run_trunk(model, batch)
+            outputs(state.calls[0][1])
     cpu = torch.device("cpu")
     return torch.cat(hidden), {k: move_kwargs(v, 1, cpu, dtype) for k, v in per_block[0].items()}
 

@@ -61,6 +61,7 @@ from stages.run.rundir import RunLock, bytes_hashed, prune_old, sweep_tmp, verif
 from stages.run.shards import ShardSet, ShardWriter, is_complete, read_shards
 from stages.run.shared import entry_lock
 from stages.run.timing import timed
+from stages.run.transfer import HostSink, device_batches
 
 log = logging.getLogger("sparsegpt.pipeline")
 
@@ -122,13 +123,15 @@ def owl_allocation(cfg: PruneConfig, run: Run) -> list[float]:
     ratios = []
     for i in range(run.num_blocks):
         block = load_block(run.model_dir, i, cfg.runtime.device, dtype, cfg.trust_remote_code)
-        batches = [
-            hidden[j : j + cfg.runtime.batch_size].to(cfg.runtime.device)
-            for j in range(0, len(hidden), cfg.runtime.batch_size)
-        ]
+        size = cfg.runtime.batch_size
+        batches = list(device_batches((hidden[j : j + size] for j in range(0, len(hidden), size)), cfg.runtime.device))
         collector = collect_hessians(block, find_layers(block), batches, kwargs, diagonal=True)
         ratios.append(block_outlier_ratio(block, collector, cfg.solver.owl_threshold))
-        hidden = torch.cat([run_block(block, b, kwargs).to("cpu") for b in batches])
+        outputs: list[torch.Tensor] = []
+        with HostSink(outputs.append) as to_host:
+            for b in batches:
+                to_host(run_block(block, b, kwargs))
+        hidden = torch.cat(outputs)
     sparsities = owl_sparsities(ratios, cfg.solver.sparsity, cfg.solver.owl_lambda)
     write_record(run.owl, {"ratios": ratios, "sparsities": sparsities}, [])
     return sparsities
@@ -259,12 +262,12 @@ def _solve(
             if not forward:
                 return block, prune_block_sequential(*args), False
             with writer(run.acts(i + 1)) as out:
-                return block, prune_block_sequential(*args, outputs=lambda y: out.add(y.to("cpu"))), True
+                return block, prune_block_sequential(*args, outputs=out.add), True
         except NotSequential as e:
             log.warning("block %d: %s; it is pruned the default way (two passes)", i, e)
             block = load_block(run.model_dir, i, cfg.runtime.device, run.dtype, cfg.trust_remote_code)
     with writer(run.target(i)) if fused else nullcontext() as out:
-        dense_outputs = (lambda y: out.add(y.to("cpu"))) if fused else None
+        dense_outputs = out.add if fused else None
         stats = prune_block(block, batches, kwargs, cfg.solver, sparsity, prefix, dense_outputs=dense_outputs)
     return block, stats, False
 

@@ -47,6 +47,7 @@ from stages.run.ranks import TIMEOUT, RankFailed, join_group, rank_device, spawn
 from stages.run.rundir import RunError, bytes_hashed, prune_old, verify_record, write_record
 from stages.run.shards import ShardSet, ShardWriter, discard, read_shards, write_manifest
 from stages.run.timing import timed
+from stages.run.transfer import device_batches
 
 log = logging.getLogger("sparsegpt.pipeline")
 
@@ -131,8 +132,7 @@ def prune_block_ranks(
 
 
 def _rows(acts: ShardSet, lo: int, hi: int, batch_size: int, device: str) -> Iterator[torch.Tensor]:
-    for a in range(lo, hi, batch_size):
-        yield acts._rows(a, min(a + batch_size, hi)).to(device)
+    return device_batches((acts._rows(a, min(a + batch_size, hi)) for a in range(lo, hi, batch_size)), device)
 
 
 def prune_one_ranks(cfg: PruneConfig, run: Run, i: int, sparsity: float, device: str) -> None:
@@ -157,7 +157,7 @@ def prune_one_ranks(cfg: PruneConfig, run: Run, i: int, sparsity: float, device:
     with timed(seconds, "forward"):  # the pruned block over this rank's windows, written as its shards
         writer = ShardWriter(run.acts(i + 1), acts.dtype, acts.sample_shape, SAMPLES_PER_SHARD, lo, discard=False)
         for x in _rows(acts, lo, hi, bs, device):
-            writer.add(run_block(block, x, kwargs).to("cpu"))
+            writer.add(run_block(block, x, kwargs))
         shards: list[dict | None] = [None] * world
         dist.all_gather_object(shards, writer.close(manifest=False))
     if rank == 0:

@@ -52,7 +52,10 @@ def _forward(block: nn.Module, x: torch.Tensor, kwargs: Kwargs) -> torch.Tensor:
 
 
 def _batch(samples: Sequence[torch.Tensor], index: Sequence[int], device: torch.device) -> torch.Tensor:
-    return torch.stack([samples[int(k)] for k in index]).to(device=device, dtype=torch.float32)
+    x = torch.stack([samples[int(k)] for k in index])
+    if torch.device(device).type == "cuda" and x.device.type == "cpu":  # from pinned memory, no host wait
+        return x.pin_memory().to(device, non_blocking=True).float()
+    return x.to(device=device, dtype=torch.float32)
 
 
 @torch.no_grad()
@@ -67,14 +70,14 @@ def normalised_mse(
     """‖f(x) − y‖² / ‖y‖² summed over the first `count` samples (the block in its own dtype, the sums in
     float32)."""
     device, dtype = next(block.parameters()).device, next(block.parameters()).dtype
-    err, norm = 0.0, 0.0
+    err, norm = torch.zeros((), device=device), torch.zeros((), device=device)  # no host sync per batch
     for lo in range(0, count, batch_size):
         index = range(lo, min(lo + batch_size, count))
         y = _batch(targets, index, device)
         out = _forward(block, _batch(inputs, index, device).to(dtype), kwargs)
-        err += float((out.float() - y).square().sum())
-        norm += float(y.square().sum())
-    return err / max(norm, 1e-30)
+        err += (out.float() - y).square().sum()
+        norm += y.square().sum()
+    return float(err) / max(float(norm), 1e-30)
 
 
 def reconstruct_block(
@@ -125,7 +128,7 @@ def reconstruct_block(
                 y = _batch(targets, index, device)
                 out = _forward(block, _batch(inputs, index, device), kwargs)
                 loss = (out - y).square().sum() / y.square().sum().clamp_min(1e-30)
-                if not torch.isfinite(loss):
+                if device.type != "cuda" and not torch.isfinite(loss):  # on a GPU: once an epoch, below
                     finite = False
                     break
                 optimizer.zero_grad(set_to_none=True)
@@ -140,6 +143,8 @@ def reconstruct_block(
                 with torch.no_grad():
                     for name, layer in layers.items():
                         layer.weight.masked_fill_(masks[name], 0.0)
+            if device.type == "cuda" and not all(bool(torch.isfinite(p).all()) for p in params):
+                finite = False  # a NaN loss makes every later step NaN: checked once, not a host sync a step
             if not finite:
                 break
     finally:

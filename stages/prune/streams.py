@@ -155,18 +155,19 @@ def forward_to_shards(
     """Run ``block`` over every sample of ``src`` and write the outputs to ``dst``; with ``targets``, return
     the outputs' normalised MSE against them over the first ``count`` samples (`normalised_mse`)."""
     acts = read_shards(src)
-    err, norm, seen = 0.0, 0.0, 0
+    device = cfg.runtime.device
+    err, norm, seen = torch.zeros((), device=device), torch.zeros((), device=device), 0  # no host sync per batch
     with ShardWriter(dst, acts.dtype, acts.sample_shape, SAMPLES_PER_SHARD) as writer:
         for x in acts.iter_batches(cfg.runtime.batch_size, cfg.runtime.device):
             out = run_block(block, x, kwargs)
             n = min(len(out), count - seen) if targets is not None else 0
             if n > 0:
                 y = torch.stack([targets[k] for k in range(seen, seen + n)]).to(out.device, torch.float32)
-                err += float((out[:n].float() - y).square().sum())
-                norm += float(y.square().sum())
+                err += (out[:n].float() - y).square().sum()
+                norm += y.square().sum()
             seen += len(out)
-            writer.add(out.to("cpu"))
-    return err / max(norm, 1e-30) if targets is not None else None
+            writer.add(out)
+    return float(err) / max(float(norm), 1e-30) if targets is not None else None
 
 
 def ensure_acts(cfg: PruneConfig, run: Run, i: int) -> None:

@@ -26,6 +26,7 @@ import pyarrow as pa
 import torch
 
 from stages.run.rundir import RunError, atomic_path, verify_record, write_record
+from stages.run.transfer import HostSink, device_batches
 
 MANIFEST = "manifest.json"
 FORMAT = "sparsegpt-acts/1"
@@ -109,6 +110,7 @@ class ShardWriter:
         if first_sample % samples_per_shard:
             raise ValueError(f"first_sample {first_sample} is not a multiple of samples_per_shard {samples_per_shard}")
         self._first = first_sample
+        self._host = HostSink(self._add_host)
         self._pending: list[torch.Tensor] = []
         self._pending_rows = 0
         self._written = 0
@@ -128,9 +130,12 @@ class ShardWriter:
             )
         if batch.shape[0] == 0:
             return
-        cpu = batch.detach().to("cpu")
-        self._pending.append(cpu)
-        self._pending_rows += cpu.shape[0]
+        self._host(batch)
+
+    def _add_host(self, batch: torch.Tensor) -> None:
+        """`add`'s batch on the host: the caller's CPU tensor, or a device batch's copy once it has finished."""
+        self._pending.append(batch)
+        self._pending_rows += batch.shape[0]
         while self._pending_rows >= self.samples_per_shard:
             self._flush(self.samples_per_shard)
         # Rows kept for the next shard must not alias the caller's tensor, which the
@@ -171,6 +176,7 @@ class ShardWriter:
         (one of several writers) write no manifest and return ``{"shards": [...]}`` for `write_manifest`."""
         if self._manifest is not None:
             return self._manifest
+        self._host.flush()
         if self._pending_rows:
             self._flush(self._pending_rows)
         if not manifest:
@@ -296,14 +302,14 @@ class ShardSet:
         last one may be smaller.
 
         A batch inside one shard is a zero-copy view; one spanning shards is a copy.
-        With a `device`, each batch is copied there.
+        With a `device`, each batch is copied there (`device_batches`: on CUDA from pinned
+        memory, one batch ahead).
         """
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         n = self._n if stop is None else min(stop, self._n)
-        for lo in range(0, n, batch_size):
-            batch = self._rows(lo, min(lo + batch_size, n))
-            yield batch if device is None else batch.to(device)
+        batches = (self._rows(lo, min(lo + batch_size, n)) for lo in range(0, n, batch_size))
+        return device_batches(batches, device)
 
     def _rows(self, lo: int, hi: int) -> torch.Tensor:
         pieces = []

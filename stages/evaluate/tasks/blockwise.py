@@ -37,6 +37,7 @@ from stages.model.blocks import Kwargs, load_block, move_kwargs, run_block, skel
 from stages.model.capture import Head
 from stages.model.models import load_config
 from stages.run.memory import release_memory
+from stages.run.transfer import HostSink, device_batches
 
 MAX_BYTES = 1 << 30
 """Hidden states of the passes walked through the blocks together (default 1 GiB); more passes make more
@@ -69,6 +70,16 @@ class _InFlight:
     kwargs: list[Kwargs]
 
 
+class _Landing:
+    """A `HostSink` sink: successive outputs become the flights' hidden states, in order."""
+
+    def __init__(self, flights: list[_InFlight]) -> None:
+        self.flights = iter(flights)
+
+    def __call__(self, hidden: torch.Tensor) -> None:
+        next(self.flights).hidden = hidden
+
+
 def _model_kwargs(p: Pass, dtype: torch.dtype, device: torch.device) -> dict:
     """What the model's forward gets for a pass of tries: an additive 4D mask and position ids."""
     if not p.tree_kw:
@@ -91,9 +102,10 @@ def _walk(
     n_blocks = skeleton(model.model_dir, model.trust_remote_code).num_blocks
     for i in tqdm(range(n_blocks), desc="tasks: blocks", disable=not progress, leave=False):
         block = load_block(model.model_dir, i, model.device, model.dtype, model.trust_remote_code)
-        for f in flights:
-            kwargs = {k: move_kwargs(v, 1, trunk.device, model.dtype) for k, v in f.kwargs[i].items()}
-            f.hidden = run_block(block, f.hidden.to(trunk.device), kwargs).to(cpu)
+        with HostSink(_Landing(flights)) as outputs:
+            for f, x in zip(flights, device_batches((f.hidden for f in flights), trunk.device), strict=True):
+                kwargs = {k: move_kwargs(v, 1, trunk.device, model.dtype) for k, v in f.kwargs[i].items()}
+                outputs(run_block(block, x, kwargs))
         del block
         release_memory()
     for f in flights:
