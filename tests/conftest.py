@@ -1,6 +1,7 @@
 """Shared fixtures: tiny random causal LMs of real architectures, saved as HF checkpoints.
 
-`tiny_model_dir` is parametrized over Llama (untied lm_head, rotary), OPT (learned
+`device` is where the tests marked `device` run (the CPU unless `SPARSEGPT_TEST_DEVICE` says
+otherwise). `tiny_model_dir` is parametrized over Llama (untied lm_head, rotary), OPT (learned
 positions, project_in/out, biases, tied) and GPT-2 (Conv1D, tied); `tiny_llama_dir`
 is the Llama one alone. `tiny_model_factory(kind, max_shard_size=..., tied=...)` builds
 variants; `smollm2_dir` is the real embedded model (for tests marked slow). Each
@@ -35,6 +36,16 @@ SPECIALS = ["<unk>", "<s>", "</s>"]
 # session, never to the user's cache, and no earlier session's results are found there.
 os.environ["SPARSEGPT_EVAL_CACHE"] = tempfile.mkdtemp(prefix="sparsegpt-eval-cache-")
 os.environ["SPARSEGPT_CALIB_CACHE"] = tempfile.mkdtemp(prefix="sparsegpt-calib-cache-")
+
+
+DEVICE = os.environ.get("SPARSEGPT_TEST_DEVICE", "cpu")
+
+
+@pytest.fixture
+def device() -> str:
+    """Where a test marked `device` runs its stage: the CPU, or ``SPARSEGPT_TEST_DEVICE`` (``cuda`` in
+    benchmarks/gpu_check.sh, which runs ``pytest -m device`` on a GPU machine)."""
+    return DEVICE
 
 
 @pytest.fixture(autouse=True)

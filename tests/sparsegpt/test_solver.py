@@ -207,3 +207,24 @@ def test_lowest_k_selects_exactly_the_k_lowest(ties):
         if not ties and 0 < k:
             topk = torch.topk(flat, k, largest=False).indices.sort().values
             assert torch.equal(mask.nonzero().flatten(), topk)
+
+
+@pytest.mark.device
+@pytest.mark.parametrize("n,m", [(0, 0), (2, 4)])
+def test_the_solve_on_the_device_agrees_with_the_paper_algorithm(device, n, m):
+    """On a GPU (benchmarks/gpu_check.sh) the solve gives the CPU reference's mask but for near ties, its
+    N:M pattern exactly, and the reference's weights wherever the masks agree."""
+    W, H, _ = layer(128, 256, seed=11)
+    res = sparsegpt_prune(W.to(device), H.to(device), 0.5, prune_n=n, prune_m=m, blocksize=64)
+    assert res.weight.device.type == res.mask.device.type == torch.device(device).type
+    if n:
+        ref_W, ref_mask, _ = paper_prune(W, H, 0, prunen=n, prunem=m, blocksize=64)
+    else:
+        counts = _block_quotas(None, 128, 256, 64, 128 * 256 // 2)
+        ref_W, ref_mask, _ = paper_prune(W, H, 0.5, blocksize=64, block_counts=counts)
+    mask = res.mask.cpu()
+    assert (mask == ref_mask).float().mean() >= 0.999
+    if n:
+        assert nm_pattern_ok(mask, n, m)
+    if torch.equal(mask, ref_mask):  # always on the CPU
+        torch.testing.assert_close(res.weight.cpu(), ref_W, rtol=1e-4, atol=1e-5)

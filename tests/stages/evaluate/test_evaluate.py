@@ -256,8 +256,9 @@ def test_task_fields_are_checked_and_not_part_of_the_identity():
         PruneConfig.of(task_limit=0)
 
 
+@pytest.mark.device
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "opt"])
-def test_blockwise_perplexity_head_in_chunks_equals_whole_model(arch, tiny_model_factory, monkeypatch):
+def test_blockwise_perplexity_head_in_chunks_equals_whole_model(arch, tiny_model_factory, monkeypatch, device):
     """The head runs a few positions at a time (here 5, so every window spans several chunks,
     one of them short); the perplexity equals exp(mean window loss) of the whole model."""
     model_dir = tiny_model_factory(arch)
@@ -278,7 +279,7 @@ def test_blockwise_perplexity_head_in_chunks_equals_whole_model(arch, tiny_model
     monkeypatch.setattr(
         stages.evaluate.evaluate, "window_nll", lambda head, h, ids: calls.append(5) or real_nll(head, h, ids, 5)
     )
-    got = stages.evaluate.evaluate.blockwise_perplexity(model_dir, windows, batch_size=2)
+    got = stages.evaluate.evaluate.blockwise_perplexity(model_dir, windows, device=device, batch_size=2)
     assert calls == [5, 5, 5]
     assert got.windows == 3 and got.seqlen == 23
     assert got.ppl == pytest.approx(expected, rel=1e-5)

@@ -12,9 +12,10 @@ from stages.evaluate.tasks.zeroshot import score_items
 from tests.stages.evaluate.test_tasks_scoring import check_scores, designed_items, reference
 
 
+@pytest.mark.device
 @pytest.mark.parametrize("kind", ["llama", "gpt2", "opt"])
 @pytest.mark.parametrize("max_bytes", [1 << 30, 1], ids=["one-group", "a-group-per-pass"])
-def test_blockwise_scores_equal_one_request_at_a_time(tiny_model_factory, monkeypatch, kind, max_bytes) -> None:
+def test_blockwise_scores_equal_one_request_at_a_time(tiny_model_factory, monkeypatch, kind, max_bytes, device) -> None:
     folder = tiny_model_factory(kind)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(folder)
@@ -23,7 +24,7 @@ def test_blockwise_scores_equal_one_request_at_a_time(tiny_model_factory, monkey
     real_walk = blockwise._walk
     monkeypatch.setattr(blockwise, "_walk", lambda m, t, ps, *a: (walks.append(len(ps)), real_walk(m, t, ps, *a))[1])
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", None)  # never the whole model
-    scores = score_items(Blockwise(folder, max_bytes=max_bytes), tok, items, batch_size=1, max_length=24)
+    scores = score_items(Blockwise(folder, device=device, max_bytes=max_bytes), tok, items, batch_size=1, max_length=24)
     monkeypatch.undo()
     check_scores(scores, reference(model, tok, items, 24), items, tok)
     if max_bytes == 1:  # every pass walks the blocks alone (the first with the probe's passes)

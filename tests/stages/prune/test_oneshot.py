@@ -47,9 +47,11 @@ def test_pipeline_matches_in_memory_reference(tiny_model_dir, tmp_path, nm):
         assert torch.equal(our_sd[k], ref_sd[k]), k
 
 
-def test_batched_forward_agrees_with_reference(tiny_model_dir, tmp_path):
-    """Batches of 4 round differently; only near-tied weights may flip between pruned and kept."""
-    cfg = tiny_cfg(tiny_model_dir, tmp_path / "run", batch_size=4)
+@pytest.mark.device
+def test_batched_forward_agrees_with_reference(tiny_model_dir, tmp_path, device):
+    """Batches of 4 round differently (and on a GPU in its own order); only near-tied weights may flip
+    between pruned and kept."""
+    cfg = tiny_cfg(tiny_model_dir, tmp_path / "run", batch_size=4, device=device, dtype="float32")
     run = run_pipeline(cfg)
     ids = torch.from_numpy(read_tokens(run.tokens).astype(np.int64))
     ref = reference_prune(tiny_model_dir, ids, cfg.solver.sparsity, 0, 0, cfg.solver.blocksize).state_dict()

@@ -31,13 +31,15 @@ from tests.conftest import TINY_VOCAB
 
 
 @pytest.fixture()
-def solved(tiny_llama_dir: Path) -> tuple:
-    """Block 0 of the tiny Llama, its inputs (captured as the pipeline does), the dense block's outputs on
-    them, and the block pruned to 70% by magnitude (a poor solve, so reconstruction has much to recover)."""
+def solved(tiny_llama_dir: Path, device: str) -> tuple:
+    """Block 0 of the tiny Llama on the `device` fixture's device, its inputs (captured as the pipeline
+    does), the dense block's outputs on them, and the block pruned to 70% by magnitude (a poor solve, so
+    reconstruction has much to recover)."""
     torch.manual_seed(0)
     ids = torch.randint(3, TINY_VOCAB, (6, 16))
-    inputs, kwargs = capture_inputs(tiny_llama_dir, ids)
-    block = load_block(tiny_llama_dir, 0, "cpu", torch.float32)
+    inputs, kwargs = capture_inputs(tiny_llama_dir, ids, device)
+    inputs = inputs.to(device)
+    block = load_block(tiny_llama_dir, 0, device, torch.float32)
     targets = run_block(block, inputs, kwargs)
     for layer in find_layers(block).values():
         set_weight(layer, magnitude_prune(get_weight(layer).detach(), 0.7).weight)
@@ -73,6 +75,7 @@ def reference_train(block, inputs, targets, kwargs, cfg: ReconstructConfig, seed
     return {k: (v * keep[k] if k in keep else v).detach() for k, v in params.items()}
 
 
+@pytest.mark.device
 def test_training_matches_the_reparametrised_reference(solved) -> None:
     block, inputs, targets, kwargs = solved
     cfg = ReconstructConfig(enabled=True, epochs=3, lr=1e-3, batch_size=2)

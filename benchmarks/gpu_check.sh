@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# The GPU checks, as one script under 8 minutes on a machine with one NVIDIA GPU and no internet.
+#
+#   bash benchmarks/gpu_check.sh prepare   # here, in the project's environment, with PyPI: fills .whl/ (git ignores it)
+#   bash benchmarks/gpu_check.sh           # there, from the repo root, with .whl/ copied along
+#
+# `prepare` downloads the wheels the GPU image lacks (transformers >= 5.21, greenlet; the image's torch,
+# safetensors, tokenizers, huggingface_hub, pyarrow, numpy and pytest serve as they are; Prefect is not
+# needed: nothing here runs a flow) and copies the embedded SmolLM2's tokenizer files into
+# .whl/tokenizer (its weights, 94 MiB, are too large to travel). The check then
+#   1. runs the tests marked `device` (`pytest -m device`) with SPARSEGPT_TEST_DEVICE=cuda: the solve,
+#      the transfers, the one-shot pipeline, block-wise perplexity and task scoring, reconstruction,
+#      each against its CPU reference;
+#   2. runs benchmarks/gpu_bench.py on the SmolLM2-1.7B shape (first 8 blocks, random init, bf16):
+#      the one-shot stages with --device cuda --dtype auto (bf16), seconds per stage and a block, GPU
+#      memory peak, and the pruned model's perplexity in the GPU's bf16 and fp32 and the CPU's fp32.
+# Logs and figures go to $OUT (the device tool's folder) or /tmp/gpu-check.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+WHL=.whl
+
+if [ "${1:-}" = prepare ]; then
+    mkdir -p "$WHL/tokenizer"
+    python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+        --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+        -d "$WHL" "transformers==5.24.0" "greenlet==3.5.6" || exit 1
+    tok=$(python -c "from stages.model.checkpoint import resolve_model; print(resolve_model('smollm2-135m'))") || exit 1
+    for f in tokenizer.json tokenizer_config.json special_tokens_map.json; do
+        [ -f "$tok/$f" ] && cp "$tok/$f" "$WHL/tokenizer/"
+    done
+    du -sh "$WHL"
+    exit 0
+fi
+
+OUT=${OUT:-/tmp/gpu-check}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
+if ls "$WHL"/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+        "$WHL"/*.whl || exit 1
+    export PYTHONPATH=/tmp/site:$PWD
+fi
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" \
+    | tee -a "$OUT/gpu.txt"
+
+# 1. The device tests: the modules that hold one (none imports Prefect, datasets or gguf).
+mapfile -t files < <(grep -rl "pytest.mark.device" tests --include="test_*.py")
+SPARSEGPT_TEST_DEVICE=cuda timeout 240 python3 -m pytest -q -m device -p no:cacheprovider "${files[@]}" 2>&1 \
+    | tail -40 | tee "$OUT/tests.log"
+tests=$?
+
+# 2. The harness on the GPU.
+timeout 240 python3 benchmarks/gpu_bench.py --shape smollm2-1.7b --blocks 8 --device cuda \
+    --tokenizer "$WHL/tokenizer" --work /tmp/gpu-work --out "$OUT/gpu_bench.json" 2>&1 | tail -60 | tee "$OUT/bench.log"
+bench=$?
+echo "tests rc $tests, bench rc $bench"
+[ "$tests" = 0 ] && [ "$bench" = 0 ]
