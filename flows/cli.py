@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -31,6 +32,26 @@ def _prefect_env() -> None:
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread as Ctrl-C raises KeyboardInterrupt (not an Exception: nothing
+    that handles errors swallows it)."""
+
+
+def _raise_terminated(signum: int, _frame: object) -> None:
+    raise Terminated(signum)
+
+
+def _terminate_like_interrupt() -> None:
+    """`kill PID` ends a run as Ctrl-C does: the stack unwinds (locks released; records are atomic, so
+    nothing half-written remains) and exit handlers run, which stop Prefect's temporary server.
+
+    Without it, a SIGTERM inside a flow reaches Prefect's engine, which marks the run crashed and
+    re-sends the signal to the default handler: the process dies at once and the server it started
+    outlives it.
+    """
+    signal.signal(signal.SIGTERM, _raise_terminated)
 
 
 def _add_prune(sub: argparse._SubParsersAction) -> None:
@@ -242,6 +263,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ[DEBUG_ENV] = "1"
     command = args.command
     del args.command, args.debug
+    _terminate_like_interrupt()
     try:
         commands = {"prune": _prune, "eval": _eval, "report": _report, "status": _status, "progressive": _progressive}
         return {**commands, "export": _export, "sweep": _sweep}[command](args)
@@ -253,6 +275,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
+    except Terminated:
+        print("terminated; rerun the same command to resume", file=sys.stderr)
+        return 128 + signal.SIGTERM
 
 
 if __name__ == "__main__":
