@@ -82,18 +82,31 @@ def disk_full(path: Path, exc: OSError) -> RunError:
     )
 
 
+UNWRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM)
+"""errnos of a folder that cannot be written: a read-only file system, missing permissions."""
+
+
+def unwritable(path: Path, exc: OSError) -> RunError:
+    """The one-line error for a run directory that cannot be written (read-only file system, permissions)."""
+    return RunError(
+        f"cannot write {path} ({exc.strerror or exc}): use a --run-dir on a writable file system, "
+        "or make this one writable and rerun the same command to resume"
+    )
+
+
 @contextlib.contextmanager
 def atomic_path(path: Path | str) -> Iterator[Path]:
     """Yield a temporary path to write; on success it is fsynced and renamed to `path`.
 
     The temporary file `.{name}.tmp-{pid}` sits next to `path`. If the body raises,
-    the temporary file is removed and `path` is left untouched. ENOSPC (disk full)
-    is re-raised as `RunError` naming the path.
+    the temporary file is removed and `path` is left untouched. ENOSPC (disk full) and
+    a folder that cannot be written (read-only, permissions) are re-raised as `RunError`
+    naming the path.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         yield tmp
         if not tmp.exists():
             raise RunError(f"writer for {path} did not create its temporary file {tmp}")
@@ -106,6 +119,8 @@ def atomic_path(path: Path | str) -> Iterator[Path]:
             tmp.unlink(missing_ok=True)
         if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
             raise disk_full(path, exc) from exc
+        if isinstance(exc, OSError) and exc.errno in UNWRITABLE:
+            raise unwritable(path, exc) from exc
         raise
 
 
@@ -232,8 +247,13 @@ class RunLock:
         """Take the lock or raise `RunError` naming the process that holds it."""
         if self._fd is not None:
             return self
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            if exc.errno in UNWRITABLE:
+                raise unwritable(self.run_dir, exc) from None
+            raise
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -303,6 +303,34 @@ def test_file_system_without_flock_gets_one_line_naming_it(tmp_path: Path, monke
     assert "\n" not in str(exc.value)
 
 
+@pytest.mark.parametrize("code", [errno.EROFS, errno.EACCES])
+def test_a_run_dir_that_cannot_be_written_gets_one_line_naming_it(tmp_path: Path, monkeypatch, code: int) -> None:
+    """A read-only file system (or missing permissions; root ignores them, so both are simulated) is the
+    one-line error when the run takes its lock and when a record is written later."""
+    real_open = rundir.os.open
+
+    def read_only(path, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        if str(path).startswith(str(tmp_path / "run")):
+            raise OSError(code, os.strerror(code))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(rundir.os, "open", read_only)
+    with pytest.raises(RunError, match=r"cannot write .*run \(.*\): use a --run-dir on a writable file system") as exc:
+        RunLock(tmp_path / "run").acquire()
+    assert "\n" not in str(exc.value)
+    monkeypatch.undo()
+    target = tmp_path / "run" / "r.json"
+    atomic_write_json(target, {"v": 1})
+
+    def refused(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(rundir.os, "replace", refused)  # e.g. remounted read-only during the run
+    with pytest.raises(RunError, match=r"cannot write .*r\.json .*rerun the same command to resume"):
+        atomic_write_json(target, {"v": 2})
+    assert json.loads(target.read_text()) == {"v": 1} and _tmp_files(tmp_path / "run") == []
+
+
 def test_a_non_empty_folder_without_run_json_is_not_taken_as_a_run(tmp_path: Path) -> None:
     """It may be the parent of other runs: a sweep of its temporary files could hit theirs."""
     parent = tmp_path / "runs"
