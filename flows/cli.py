@@ -14,10 +14,12 @@ Bad input ends with one line `error: ...` naming the problem and the fix, exit c
 from __future__ import annotations
 
 import argparse
+import contextvars
 import logging
 import os
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -32,6 +34,54 @@ def _prefect_env() -> None:
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+class _EarlyServer:
+    """Prefect's temporary API server, started in a background thread while this process checks its input.
+
+    Prefect starts that server at the first flow call and waits for it there: about 6 s here, a Python
+    process importing Prefect's server and migrating its database. Started at once, it boots on another
+    core while this process imports torch and checks its input (no flow runs before `ready`). Nothing is
+    started when a server is configured (`PREFECT_API_URL`) or temporary servers are off. It is Prefect's
+    own singleton: the flow's client finds it running, and Prefect stops it at exit.
+    """
+
+    def __init__(self, start: bool = True) -> None:
+        self._imported = threading.Event()
+        self._failed: list[Exception] = []
+        # the caller's context: Prefect settings a `temporary_settings` block gives hold in the thread too
+        run = contextvars.copy_context().run
+        self._thread = threading.Thread(target=run, args=(self._start,), name="prefect-server-start", daemon=True)
+        if start:
+            self._thread.start()
+        else:  # Prefect starts its server at the first flow, as it does by itself
+            self._imported.set()
+
+    def _start(self) -> None:
+        try:
+            from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED
+
+            if PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
+                return
+            from prefect.server.api.server import SubprocessASGIServer
+
+            self._imported.set()
+            SubprocessASGIServer().start()  # Popen, then polls /health; registers its own stop at exit
+        except Exception as exc:  # noqa: BLE001 -- raised in the main thread by `ready`
+            self._failed.append(exc)
+        finally:
+            self._imported.set()
+
+    def imported(self) -> None:
+        """Wait until this thread is done importing Prefect (the main thread imports it next: one at a time)."""
+        self._imported.wait()
+
+    def ready(self) -> None:
+        """Wait until the server answers; raise what its start raised."""
+        if self._thread.ident is not None:
+            self._thread.join()
+        if self._failed:
+            raise self._failed[0]
 
 
 class Terminated(BaseException):
@@ -74,7 +124,7 @@ def _add_progressive(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--nm", dest="ramp", default=None, help="N:M ramp: --nm 2:4 means --schedule 1:4,2:4")
 
 
-def _progressive(args: argparse.Namespace) -> int:
+def _progressive(args: argparse.Namespace, server: _EarlyServer) -> int:
     from stages.config import parse_nm
     from stages.progressive.config import ProgressiveConfig
 
@@ -92,11 +142,13 @@ def _progressive(args: argparse.Namespace) -> int:
     cfg = build(ProgressiveConfig(), args)
     from stages.progressive.check import check
 
-    check(cfg)  # bad input is refused here, before Prefect starts
+    check(cfg)  # bad input is refused here, before any flow runs
+    server.imported()
     from flows.progressive import progressive
     from stages.progressive.rounds import summary_markdown
 
     _task_lines_off_console(cfg.runtime.progress)
+    server.ready()
     out = progressive(cfg)
     print()
     print(summary_markdown(out["summary"]))
@@ -134,16 +186,18 @@ def _add_sweep(sub: argparse._SubParsersAction) -> None:
     add_options(p, SweepConfig())
 
 
-def _sweep(args: argparse.Namespace) -> int:
+def _sweep(args: argparse.Namespace, server: _EarlyServer) -> int:
     from stages.sweep.config import SweepConfig
 
     cfg = build(SweepConfig(), args)
     from stages.sweep.check import check
 
-    check(cfg)  # a bad grid or point is refused here, before Prefect starts
+    check(cfg)  # a bad grid or point is refused here, before any flow runs
+    server.imported()
     from flows.sweep import sweep
 
     _task_lines_off_console(cfg.runtime.progress)
+    server.ready()
     out = sweep(cfg)
     print()
     print(Path(out["report"]).read_text(encoding="utf-8"))
@@ -162,7 +216,7 @@ def _add_report(sub: argparse._SubParsersAction) -> None:
     )
 
 
-def _prune(args: argparse.Namespace) -> int:
+def _prune(args: argparse.Namespace, server: _EarlyServer) -> int:
     from stages.config import PruneConfig
 
     cfg = build(PruneConfig(), args)
@@ -173,11 +227,13 @@ def _prune(args: argparse.Namespace) -> int:
         return 0
     from stages.prune.check import check
 
-    check(cfg)  # bad input is refused here, before Prefect starts
+    check(cfg)  # bad input is refused here, before any flow runs
+    server.imported()
     from flows.artifacts import metrics_markdown
     from flows.oneshot import oneshot
 
     _task_lines_off_console(cfg.runtime.progress)
+    server.ready()
     startup = time.perf_counter() - T0
     t_flow = time.perf_counter()
     metrics = oneshot(cfg)
@@ -188,8 +244,8 @@ def _prune(args: argparse.Namespace) -> int:
     evals = sum(m.get("seconds", 0) + m.get("dense_seconds", 0) for m in metrics.values() if isinstance(m, dict))
     evals += sum(m[w]["seconds"] for m in (metrics.get("tasks") or {}).values() for w in ("dense", "pruned"))
     print(
-        f"\ntimings: start-up (imports) {startup:.1f}s, flow {time.perf_counter() - t_flow:.1f}s "
-        f"[{stages}, evaluate {evals:.1f}s], total {total:.1f}s"
+        f"\ntimings: start-up (imports, checks, Prefect server) {startup:.1f}s, "
+        f"flow {time.perf_counter() - t_flow:.1f}s [{stages}, evaluate {evals:.1f}s], total {total:.1f}s"
     )
     print(
         f"pruned model: {Path(cfg.run_dir) / 'model'}   metrics: {Path(cfg.run_dir) / 'eval' / 'metrics.json'}   "
@@ -198,15 +254,17 @@ def _prune(args: argparse.Namespace) -> int:
     return 0
 
 
-def _eval(args: argparse.Namespace) -> int:
+def _eval(args: argparse.Namespace, server: _EarlyServer) -> int:
     cfg = build(command_config("eval"), args).check()  # the argument-only checks first: no torch imported yet
     from stages.evaluate.check import check
 
-    check(cfg)  # bad input is refused here, before Prefect starts
+    check(cfg)  # bad input is refused here, before any flow runs
+    server.imported()
     from flows.artifacts import eval_markdown
     from flows.evaluate import evaluate
 
     _task_lines_off_console(cfg.runtime.progress)
+    server.ready()
     print(eval_markdown(evaluate(cfg)))
     return 0
 
@@ -233,7 +291,10 @@ def _status(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, early_server: bool | None = None) -> int:
+    """The command line; ``argv`` default: sys.argv. ``early_server`` (default: when ``argv`` is None, i.e.
+    as a program) starts Prefect's temporary server while the input is checked (`_EarlyServer`); a caller
+    that passes its own ``argv`` (tests, scripts) leaves that start to Prefect's first flow."""
     _prefect_env()
     parser = argparse.ArgumentParser(prog="sparsegpt", description="SparseGPT pruning of Hugging Face causal LMs")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -265,8 +326,12 @@ def main(argv: list[str] | None = None) -> int:
     del args.command, args.debug
     _terminate_like_interrupt()
     try:
-        commands = {"prune": _prune, "eval": _eval, "report": _report, "status": _status, "progressive": _progressive}
-        return {**commands, "export": _export, "sweep": _sweep}[command](args)
+        flows = {"prune": _prune, "eval": _eval, "progressive": _progressive, "sweep": _sweep}
+        if command in flows:
+            follower = int(os.environ.get("WORLD_SIZE", "1")) > 1 and int(os.environ.get("RANK", "0")) != 0
+            start = (argv is None if early_server is None else early_server) and not follower  # rank 0 runs flows
+            return flows[command](args, _EarlyServer(start))
+        return {"report": _report, "status": _status, "export": _export}[command](args)
     except USER_ERRORS as exc:
         if debug():
             raise
