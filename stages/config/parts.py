@@ -148,9 +148,9 @@ class ReconstructConfig:
 
     enabled: bool = opt(False, flat="reconstruct")
     """After each block's solve, train its surviving weights toward the dense model's block outputs."""
-    epochs: int = opt(2, flat="reconstruct_epochs")
+    epochs: int = opt(1, flat="reconstruct_epochs")
     """Passes over the reconstruction samples per block."""
-    lr: float = opt(1e-3, flat="reconstruct_lr")
+    lr: float = opt(3e-3, flat="reconstruct_lr")
     """Adam's learning rate (decays linearly to zero over the block's steps)."""
     target: Target = opt("dense-stream", flat="reconstruct_target")
     """dense-stream: the dense model's block outputs on its own inputs (a second activation stream on disk;
