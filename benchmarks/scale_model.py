@@ -15,7 +15,7 @@ precision = 2 on a GPU, stages.model.models.compute_dtype):
 |---------------------|------------------------------------------------|------------------------------------------------|
 | forward FLOPs       | 2 passes x (2 P T + 4 T L a)                   | collect_hessians runs the dense block (stops at the last linear's input), then forward_to_shards the pruned one |
 | Hessian FLOPs, fp32 | sum_g 2 T c_g^2                                | HessianCollector: accumulate_hessian once per distinct input |
-| inverse FLOPs, fp32 | sum_i 4/3 c_i^3 at the factorization rate      | hessian_inverse per linear (cholesky, cholesky_inverse, cholesky; a shared H is inverted again) |
+| inverse FLOPs, fp32 | sum_g 4/3 c_g^3 at the factorization rate      | hessian_inverse per distinct input g (cholesky, cholesky_inverse, cholesky; linears sharing H share it) |
 | lazy updates, fp32  | sum_i r_i c_i^2                                | sparsegpt_prune: W[:, i2:] -= Err1 Hinv[i1:i2, i2:] after each block of 128 columns |
 | column loop         | sum_i (c_i column_s + r_i c_i elem_s)          | _solve_block: a few small kernels per column over strided (rows, 128) columns |
 | stats FLOPs, fp32   | sum_i 4 r_i c_i^2                              | reconstruction_error: (W - W_hat) H and W H (not in the records' solve seconds) |
@@ -181,7 +181,7 @@ def block_work(s: Shape, nsamples: int, seqlen: int, e: int, passes: int = 2) ->
     return Work(
         fwd=passes * (2 * s.P * T + 4 * T * seqlen * s.attn),
         hess=sum(2 * T * li.cols**2 for li in s.linears if li.owner == li.name),
-        inverse=sum(4 / 3 * li.cols**3 for li in s.linears),
+        inverse=sum(4 / 3 * li.cols**3 for li in s.linears if li.owner == li.name),
         lazy=sum(li.rows * li.cols**2 for li in s.linears),
         stats=sum(4 * li.rows * li.cols**2 for li in s.linears),
         columns=sum(li.cols for li in s.linears),

@@ -59,6 +59,7 @@ def sparsegpt_prune(
     name: str = "",
     damp_retries: int = 0,
     subblock: int = 16,
+    factor: tuple[torch.Tensor, torch.Tensor, float] | None = None,
 ) -> PruneResult:
     """Prune ``W`` ``(rows, cols)`` with SparseGPT against ``H`` ``(cols, cols)``.
 
@@ -66,6 +67,8 @@ def sparsegpt_prune(
     ``quant`` turns on joint quantization; ``prior_mask`` (True = pruned) is kept
     pruned and grown to the target. ``name`` appears in errors; ``damp_retries``
     allows that many tenfold increases of ``percdamp`` when the Hessian is singular.
+    ``factor`` is `hessian_inverse` ``(H, percdamp, damp_retries=...)``'s result when the caller already
+    has it (layers that share ``H`` factor it once); ``H`` is then only checked for its shape.
     Runs on ``W``'s device in fp32; ``H`` is not modified.
     """
     rows, cols = W.shape
@@ -81,7 +84,11 @@ def sparsegpt_prune(
     out_dtype = W.dtype
     W = W.detach().to(torch.float32, copy=True)  # (rows, cols)
     grid = quant_grid(W, quant) if quant is not None else None
-    Hinv, dead, used_damp = hessian_inverse(H.to(W.device), percdamp, name=name, damp_retries=damp_retries)
+    if factor is None:
+        factor = hessian_inverse(H.to(W.device), percdamp, name=name, damp_retries=damp_retries)
+    Hinv, dead, used_damp = factor
+    if Hinv.shape != (cols, cols) or Hinv.device != W.device:
+        raise ValueError(f"factor must be ({cols}, {cols}) on {W.device}, got {tuple(Hinv.shape)} on {Hinv.device}")
     W[:, dead] = 0
     prior = prior_mask.to(W.device) if prior_mask is not None else None
     if prune_m:
@@ -162,21 +169,23 @@ def _solve_block(
     Err1 = torch.zeros_like(W1)
     # scaled[:, j] = mask[:, j] / d_j, so that err_j = w_j * scaled[:, j] without quantization.
     scaled = mask1.to(W1.dtype) / d.unsqueeze(0) if not prune_m else torch.zeros_like(W1)
+    # Column views made once per block: indexing W1[:, j] and friends in the loop is a dispatch each.
+    w_cols, err_cols, scaled_cols, h_rows = W1.unbind(1), Err1.unbind(1), scaled.unbind(1), Hinv1.unbind(0)
     for s1 in range(0, count, subblock):
         s2 = min(s1 + subblock, count)
         for j in range(s1, s2):
             if prune_m and j % prune_m == 0:
                 _select_nm_group(W1, d, mask1, prior1, scaled, j, prune_n, prune_m)
-            w = W1[:, j]
+            w, err = w_cols[j], err_cols[j]
             if grid is None:
-                torch.mul(w, scaled[:, j], out=Err1[:, j])
+                torch.mul(w, scaled_cols[j], out=err)
             else:
                 scale, zero = grid.column(col0 + j)
                 q = quantize(w.masked_fill(mask1[:, j], 0), scale, zero, grid.maxq)
-                torch.div(w - q, d[j], out=Err1[:, j])
-                W1[:, j] = q
+                torch.div(w - q, d[j], out=err)
+                w.copy_(q)
             if j + 1 < s2:
-                W1[:, j + 1 : s2].addr_(Err1[:, j], Hinv1[j, j + 1 : s2], alpha=-1)
+                W1[:, j + 1 : s2].addr_(err, h_rows[j][j + 1 : s2], alpha=-1)
         if s2 < count:
             W1[:, s2:].addmm_(Err1[:, s1:s2], Hinv1[s1:s2, s2:], alpha=-1)
     W1.masked_fill_(mask1, 0)

@@ -40,7 +40,7 @@ from stages.model.blocks import (
     stored_dtypes,
 )
 from stages.prune.oneshot import save_block_files
-from stages.prune.pruning import LayerStats, collect_hessians, prune_layer
+from stages.prune.pruning import LayerStats, SharedFactor, collect_hessians, prune_layer
 from stages.prune.streams import SAMPLES_PER_SHARD, Run, ensure_acts, load_kwargs
 from stages.run.memory import release_memory
 from stages.run.ranks import TIMEOUT, RankFailed, join_group, rank_device, spawn_ranks
@@ -115,9 +115,10 @@ def prune_block_ranks(
     with timed(seconds, "all_reduce"):
         all_reduce_hessians(collector.H, collector.n)
     owner = assign({name: solve_cost(layer, cfg.solver.method) for name, layer in layers.items()}, world)
+    factors = SharedFactor()  # this rank's consecutive layers that share a Hessian factor it once
     with timed(seconds, "solve"):
         mine = {
-            name: prune_layer(layer, collector.hessian(name), cfg.solver, sparsity, f"{prefix}{name}")
+            name: prune_layer(layer, collector.hessian(name), cfg.solver, sparsity, f"{prefix}{name}", factors)
             for name, layer in layers.items()
             if owner[name] == rank
         }

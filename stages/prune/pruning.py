@@ -21,6 +21,7 @@ from sparsegpt import (
     QuantGrid,
     accumulate_diagonal,
     accumulate_hessian,
+    hessian_inverse,
     magnitude_prune,
     outlier_ratio,
     reconstruction_error,
@@ -157,8 +158,34 @@ def collect_hessians(
     return collector
 
 
-def solve_layer(W: torch.Tensor, H: torch.Tensor, cfg: SolverConfig, sparsity: float, name: str) -> PruneResult:
-    """Prune one weight ``(out, in)`` with the configured method (``cfg.keep_pruned``: its zeros stay pruned)."""
+class SharedFactor:
+    """`hessian_inverse` of the Hessian the last solved layer used, for the next layers that share it (q/k/v,
+    gate/up): one factorisation per distinct input instead of one per layer, the same bits. It holds one
+    factor and drops it before computing the next, so a solve still holds at most the inverse's two
+    ``(in, in)`` matrices."""
+
+    def __init__(self) -> None:
+        self._H: torch.Tensor | None = None
+        self._factor: tuple[torch.Tensor, torch.Tensor, float] | None = None
+
+    def __call__(self, H: torch.Tensor, W: torch.Tensor, cfg: SolverConfig, name: str):
+        if self._H is not H:
+            self._H = self._factor = None
+            self._factor = hessian_inverse(H.to(W.device), cfg.percdamp, name=name, damp_retries=cfg.damp_retries)
+            self._H = H
+        return self._factor
+
+
+def solve_layer(
+    W: torch.Tensor,
+    H: torch.Tensor,
+    cfg: SolverConfig,
+    sparsity: float,
+    name: str,
+    factors: SharedFactor | None = None,
+) -> PruneResult:
+    """Prune one weight ``(out, in)`` with the configured method (``cfg.keep_pruned``: its zeros stay pruned);
+    ``factors`` reuses the Hessian's factor across the layers that share ``H``."""
     n, m = cfg.prune_nm
     if cfg.method == "magnitude":
         return magnitude_prune(W, sparsity, prune_n=n, prune_m=m)
@@ -176,6 +203,7 @@ def solve_layer(W: torch.Tensor, H: torch.Tensor, cfg: SolverConfig, sparsity: f
         name=name,
         damp_retries=cfg.damp_retries,
         prior_mask=(W == 0) if cfg.keep_pruned else None,
+        factor=factors(H, W, cfg, name) if factors is not None else None,
     )
 
 
@@ -208,18 +236,26 @@ def prune_block(
     """
     layers = find_layers(block)
     collector = collect_hessians(block, layers, batches(), layer_kwargs, outputs=dense_outputs)
-    stats = {}
+    stats, factors = {}, SharedFactor()
     for name, layer in layers.items():
-        stats[name] = prune_layer(layer, collector.hessian(name), cfg, sparsity, f"{prefix}{name}")
+        stats[name] = prune_layer(layer, collector.hessian(name), cfg, sparsity, f"{prefix}{name}", factors)
         collector.release(stats.keys())  # a Hessian goes once its last layer is solved
     return stats
 
 
-def prune_layer(layer: nn.Module, H: torch.Tensor, cfg: SolverConfig, sparsity: float, name: str) -> LayerStats:
-    """Solve one layer against the Hessian of its inputs and write the pruned weight into it."""
+def prune_layer(
+    layer: nn.Module,
+    H: torch.Tensor,
+    cfg: SolverConfig,
+    sparsity: float,
+    name: str,
+    factors: SharedFactor | None = None,
+) -> LayerStats:
+    """Solve one layer against the Hessian of its inputs and write the pruned weight into it (``factors``:
+    see `SharedFactor`)."""
     W = get_weight(layer).detach()  # (out, in)
     t0 = time.perf_counter()
-    res = solve_layer(W, H, cfg, sparsity, name)
+    res = solve_layer(W, H, cfg, sparsity, name, factors)
     seconds = time.perf_counter() - t0
     err = reconstruction_error(W, res.weight, H)
     set_weight(layer, res.weight)

@@ -37,7 +37,7 @@ from torch import nn
 from sparsegpt import accumulate_hessian
 from stages.config import SolverConfig
 from stages.model.blocks import Kwargs, find_layers, round_to_stored, run_block
-from stages.prune.pruning import LayerStats, prune_layer
+from stages.prune.pruning import LayerStats, SharedFactor, prune_layer
 
 
 class NotSequential(Exception):
@@ -125,6 +125,7 @@ def prune_block_sequential(
             batch.step()
         stats: dict[str, LayerStats] = {}
         hessians: dict[str, torch.Tensor] = {}
+        factors = SharedFactor()
         while running and running[0].at is not None:
             name = _same_layer(running, block)
             if name in stats:
@@ -137,7 +138,7 @@ def prune_block_sequential(
                     H, n = accumulate_hessian(H, batch.input, n)
                     batch.remember(batch.input, name)
                 hessians[name], owner = H, name
-            stats[name] = prune_layer(layers[name], hessians[owner], cfg, sparsity, f"{prefix}{name}")
+            stats[name] = prune_layer(layers[name], hessians[owner], cfg, sparsity, f"{prefix}{name}", factors)
             if stored:
                 round_to_stored(layers[name], {k.removeprefix(f"{name}."): v for k, v in stored.items()})
             for batch in running:

@@ -127,3 +127,16 @@ def test_blocked_symmetric_update_equals_plain_gemm(cols):
     X = torch.cat(xs).reshape(-1, cols).double()
     torch.testing.assert_close(H.double(), 2 / 4 * X.T @ X, rtol=1e-5, atol=1e-4)
     assert torch.equal(H, H.T)
+
+
+def test_all_finite_is_exact_also_when_the_sum_overflows():
+    from sparsegpt.hessian import _all_finite
+
+    big = torch.full((4, 4), 3e38)  # finite entries whose fp32 sum is inf
+    assert _all_finite(big) and _all_finite(torch.eye(3))
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        t = torch.eye(3)
+        t[1, 2] = bad
+        assert not _all_finite(t)
+    mixed = torch.tensor([float("inf"), float("-inf")])  # sums to NaN
+    assert not _all_finite(mixed)

@@ -165,6 +165,18 @@ def test_singular_hessian_names_layer_and_retries(caplog):
     assert res.percdamp > 0.01 and "retrying" in caplog.text
 
 
+def test_a_given_factor_gives_the_same_bits_and_a_wrong_one_is_refused():
+    from sparsegpt import hessian_inverse
+
+    W, H, _ = layer(24, 64, seed=8)
+    factor = hessian_inverse(H, 0.01)
+    for kw in ({"sparsity": 0.5}, {"prune_n": 2, "prune_m": 4}, {"sparsity": 0.5, "quant": QuantSpec(4)}):
+        a, b = sparsegpt_prune(W, H, blocksize=32, **kw), sparsegpt_prune(W, H, blocksize=32, factor=factor, **kw)
+        assert torch.equal(a.weight, b.weight) and torch.equal(a.mask, b.mask) and a.loss == b.loss
+    with pytest.raises(ValueError, match=r"factor must be \(64, 64\)"):
+        sparsegpt_prune(W, H, 0.5, factor=hessian_inverse(H[:32, :32], 0.01))
+
+
 @pytest.mark.parametrize(
     "kwargs,match",
     [

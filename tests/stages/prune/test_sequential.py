@@ -232,3 +232,22 @@ def test_sequential_that_cannot_fit_is_refused_before_any_work(tiny_llama_dir, t
     config = {"hidden_size": 32, "intermediate_size": 64}
     assert check.sequential_bytes(cfg, config, "float32") == 6 * 32 * 128 * 4
     check.check(tiny_prune(tiny_llama_dir, tmp_path / "d"))  # the default mode holds one batch: no such limit
+
+
+@pytest.mark.parametrize("sequential", [False, True])
+def test_layers_sharing_a_hessian_factor_it_once(tiny_llama_dir, tmp_path, monkeypatch, sequential):
+    """q/k/v share one Hessian and gate/up another: 4 factorisations a Llama block instead of 7 (the weights
+    stay bit-identical to the per-layer reference: the pipeline-vs-reference tests)."""
+    from stages.prune import pruning
+
+    calls = []
+    real = pruning.hessian_inverse
+
+    def counted(H, *args, **kwargs):
+        calls.append(kwargs.get("name"))
+        return real(H, *args, **kwargs)
+
+    monkeypatch.setattr(pruning, "hessian_inverse", counted)
+    run_pipeline(tiny_prune(tiny_llama_dir, tmp_path / "run", sequential=sequential))
+    assert len(calls) == 4 * 3  # the tiny Llama's 3 blocks
+    assert [name.rsplit(".", 1)[-1] for name in calls[:4]] == ["q_proj", "o_proj", "gate_proj", "down_proj"]
