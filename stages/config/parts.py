@@ -178,7 +178,7 @@ class EvalConfig:
     """What to evaluate: perplexity SPECs and zero-shot tasks (never part of a run's identity)."""
 
     specs: tuple[str, ...] = opt((), flat="eval", append=True, metavar="SPEC")
-    """Evaluation dataset SPEC (repeatable); none for no perplexity."""
+    """Evaluation dataset SPEC (repeatable); unset or none: no perplexity."""
     seqlen: int | None = opt(None, flat="eval_seqlen")
     """Tokens per evaluation window; defaults to the calibration seqlen (2048 for sparsegpt eval)."""
     windows: int | None = opt(None, flat="eval_windows")
@@ -195,7 +195,7 @@ class EvalConfig:
     the dense model's beside it as NAME.dense.json)."""
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "specs", tuple(self.specs))
+        object.__setattr__(self, "specs", tuple(s for s in self.specs if s.strip().lower() != "none"))
         object.__setattr__(self, "tasks", tuple(self.tasks))
         _positive(self, "windows", "batch_size", "task_limit")
         _positive(self, "seqlen", low=2)

@@ -30,7 +30,7 @@ def temporary_servers(home: str) -> list[int]:
             cmd = (proc / "cmdline").read_bytes()
         except OSError:
             continue
-        if f"PREFECT_HOME={home}".encode() in env and b"uvicorn" in cmd:
+        if f"PREFECT_HOME={home}".encode() in env and (b"uvicorn" in cmd or b"flows/server.py" in cmd):
             found.append(int(proc.name))
     return found
 

@@ -82,6 +82,8 @@ def test_command_line_builds_the_tree():
     assert cfg == want
     assert cfg.solver.owl_threshold == 7.0 and cfg.runtime.batch_size == 2 and cfg.eval.tasks[-1] == "lambada"
     assert parse("prune", ["m", "--run-dir", "r"]) == PruneConfig(model="m", run_dir="r")  # defaults: the dataclasses'
+    assert parse("prune", ["m", "--run-dir", "r", "--eval", "none"]) == PruneConfig(model="m", run_dir="r")  # its help
+    assert parse("eval", ["m", "--eval", "None", "--eval", "pydoc"]).eval.specs == ("pydoc",)
     prog = parse(
         "progressive",
         [
