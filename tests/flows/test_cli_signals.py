@@ -15,24 +15,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from tests.conftest import tiny_config, tiny_tokenizer
+from tests.flows.test_cli_server import gone, servers
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def temporary_servers(home: str) -> list[int]:
-    """PIDs of live uvicorn processes (Prefect's temporary server) started with ``PREFECT_HOME=home``."""
-    found = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            env = (proc / "environ").read_bytes().split(b"\0")
-            cmd = (proc / "cmdline").read_bytes()
-        except OSError:
-            continue
-        if f"PREFECT_HOME={home}".encode() in env and (b"uvicorn" in cmd or b"flows/server.py" in cmd):
-            found.append(int(proc.name))
-    return found
 
 
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the server's process in /proc")
@@ -55,16 +40,13 @@ def test_sigterm_ends_a_run_like_ctrl_c_and_stops_the_temporary_server(tmp_path)
         assert proc.poll() is None, proc.communicate()[1][-3000:]
         assert time.monotonic() < deadline, "the run did not reach its first block"
         time.sleep(0.02)
-    assert temporary_servers(home), "the CLI did not start a temporary Prefect server"
+    assert servers(home), "the CLI did not start a temporary Prefect server"
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
     assert "terminated; rerun the same command to resume" in err.splitlines()  # then the server's stop line
     assert not (run_dir / "blocks" / "block_039.json").exists()
-    deadline = time.monotonic() + 30
-    while temporary_servers(home) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not temporary_servers(home), "Prefect's temporary server outlived the run"
+    assert gone(home), "Prefect's temporary server outlived the run"
     again = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     assert (run_dir / "model" / "config.json").is_file()
