@@ -13,7 +13,8 @@ piece of a block's work timed exclusively (nested pieces subtracted):
   weights: loading a block from the checkpoint and saving the pruned one,
 - overhead: the rest of `prune_one` (Python, bookkeeping).
 
-The floor of a block, timed here with the same shapes and threads: its linear layers as `F.linear`
+The floor of a block, timed here with the same shapes and threads (the least of 5 calls, products
+written into buffers made once, so no page faults): its linear layers' products
 over all calibration tokens at the run's batch size plus causal `scaled_dot_product_attention`
 (two passes in the default mode, the first stopping before the last layer; one in sequential),
 XᵀX as one GEMM per batch for each distinct input (the accumulation computes only the upper
@@ -35,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import statistics
 import sys
 import tempfile
 import threading
@@ -118,15 +118,16 @@ class Profile:
         oneshot.prune_one = prune_one
 
 
-def bare(fn: Callable[[], object], repeat: int = 3) -> float:
-    """Median wall time of ``fn`` after one warm-up call."""
+def bare(fn: Callable[[], object], repeat: int = 5) -> float:
+    """Least wall time of ``fn`` over ``repeat`` calls after one warm-up call (a floor: the best the machine
+    gave; the median moved by up to 25% from run to run)."""
     fn()
     times = []
     for _ in range(repeat):
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return min(times)
 
 
 def block_floor(model_dir: Path, nsamples: int, seqlen: int, batch: int, blocksize: int) -> dict[str, float]:
@@ -154,15 +155,17 @@ def block_floor(model_dir: Path, nsamples: int, seqlen: int, batch: int, blocksi
     collector.close()
     order = collector.order
     x = {name: torch.randn(batch * seqlen, get_weight(layers[name]).shape[1]) for name in order}
-    linear = {
-        name: bare(lambda n=name: [F.linear(x[n], get_weight(layers[n])) for _ in range(batches)]) for name in order
-    }
+    # products into buffers made once: the floor is the arithmetic, not the allocator's page faults
+    w = {name: get_weight(layers[name]).detach().t() for name in order}
+    out = {name: torch.empty(batch * seqlen, w[name].shape[1]) for name in order}
+    linear = {name: bare(lambda n=name: [torch.mm(x[n], w[n], out=out[n]) for _ in range(batches)]) for name in order}
     heads = config.num_attention_heads
     q = torch.randn(batch, heads, seqlen, hidden // heads)
     attention = bare(lambda: [F.scaled_dot_product_attention(q, q, q, is_causal=True) for _ in range(batches)])
     forward = sum(linear.values()) + attention
     owners = sorted({collector.owner[name] for name in order})
-    hessian = sum(bare(lambda n=n: [x[n].T @ x[n] for _ in range(batches)]) for n in owners)
+    gram = {n: torch.empty(x[n].shape[1], x[n].shape[1]) for n in owners}
+    hessian = sum(bare(lambda n=n: [torch.mm(x[n].T, x[n], out=gram[n]) for _ in range(batches)]) for n in owners)
     solve = 0.0
     for name in order:
         W = get_weight(layers[name]).detach().float()
@@ -220,7 +223,11 @@ def main() -> None:
     model_dir = resolve_model(args.model)
     work = Path(tempfile.mkdtemp(prefix="bench-floor-"))
     try:
-        floor = block_floor(model_dir, args.nsamples, args.seqlen, args.batch_size, args.blocksize)
+
+        def measure_floor() -> dict[str, float]:
+            return block_floor(model_dir, args.nsamples, args.seqlen, args.batch_size, args.blocksize)
+
+        before = measure_floor()
         print(
             f"{args.model}, calibration {args.nsamples} x {args.seqlen} ({args.calib.split('=')[0]}), batch "
             f"{args.batch_size}, {torch.get_num_threads()} threads; seconds per block (mean)"
@@ -229,18 +236,24 @@ def main() -> None:
         profile.install()
         for mode in args.modes:
             blocks = run_mode(args, mode, work, profile)
+            seconds, times = dict(profile.seconds), list(profile.blocks)  # before the floor's own calls
+            after = measure_floor()  # the floor on both sides of the mode's run: the machine's speed drifts
+            floor = {k: (before[k] + after[k]) / 2 for k in before}
+            drift = max(abs(after[k] - before[k]) / before[k] for k in ("forward", "hessian"))
+            before = after
             passes = 2 if mode == "default" else 1
             forward = floor["forward"] + (floor["forward_but_last"] if passes == 2 else 0)
             floors = {"forward": forward, "hessian": floor["hessian"], "solve": floor["solve"]}
             print(f"\n{mode} mode ({passes} forward pass{'es' if passes == 2 else ''} a block), {blocks} blocks")
             print(f"{'piece':<12} {'measured':>9} {'floor':>8} {'ratio':>6}")
             for category in CATEGORIES:
-                measured = profile.seconds.get(category, 0.0) / blocks
+                measured = seconds.get(category, 0.0) / blocks
                 fl = floors.get(category)
                 ratio = f"{measured / fl:6.2f}" if fl else ""
                 print(f"{category:<12} {measured:9.3f} {fl if fl else 0:8.3f} {ratio}")
-            total, floor_total = sum(profile.blocks) / blocks, sum(floors.values())
+            total, floor_total = sum(times) / blocks, sum(floors.values())
             print(f"{'block total':<12} {total:9.3f} {floor_total:8.3f} {total / floor_total:6.2f}  (target 1.25)")
+            print(f"floor: the mean of its timings before and after this mode's run, which differ by up to {drift:.0%}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
