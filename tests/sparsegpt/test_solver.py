@@ -221,6 +221,29 @@ def test_lowest_k_selects_exactly_the_k_lowest(ties):
             assert torch.equal(mask.nonzero().flatten(), topk)
 
 
+@pytest.mark.parametrize("kind", ["squares", "ties", "inf and zeros", "negative", "nan"])
+def test_kth_smallest_is_the_sorted_kth_entry(kind):
+    """The bucketed selection against a sort, at sizes that take it (and values that must not)."""
+    from sparsegpt.masks import kth_smallest
+
+    g = torch.Generator().manual_seed(1)
+    n = 3 * (1 << 14) + 5
+    flat = torch.randn(n, generator=g).square() / torch.rand(n, generator=g).square()
+    if kind == "ties":
+        flat = torch.randint(0, 7, (n,), generator=g).float() / 3
+    elif kind == "inf and zeros":
+        flat[::3], flat[1::5] = float("inf"), 0.0
+    elif kind == "negative":
+        flat = torch.randn(n, generator=g)
+    elif kind == "nan":
+        flat[::7] = float("nan")
+    for k in (1, 2, n // 3, n // 2, n // 2 + 1, n - 1, n):
+        got, want = kth_smallest(flat, k), torch.kthvalue(flat, k).values
+        assert got.dtype == want.dtype and (torch.equal(got, want) or (got.isnan() and want.isnan())), (k, got, want)
+        if kind != "nan":
+            assert torch.equal(got, torch.sort(flat).values[k - 1]), k
+
+
 @pytest.mark.device
 @pytest.mark.parametrize("n,m", [(0, 0), (2, 4)])
 def test_the_solve_on_the_device_agrees_with_the_paper_algorithm(device, n, m):
