@@ -36,7 +36,7 @@ from stages.evaluate.tasks.scoring import (
 from stages.model.blocks import Kwargs, load_block, move_kwargs, run_block, skeleton
 from stages.model.capture import Head
 from stages.model.models import load_config
-from stages.run.memory import release_memory
+from stages.run.memory import keep_freed_memory, release_memory
 from stages.run.transfer import HostSink, device_batches
 
 MAX_BYTES = 1 << 30
@@ -100,6 +100,7 @@ def _walk(
         hidden, kwargs = trunk.block_inputs(p.ids, **_model_kwargs(p, model.dtype, trunk.device))
         flights.append(_InFlight(p, hidden.to(cpu), kwargs))
     n_blocks = skeleton(model.model_dir, model.trust_remote_code).num_blocks
+    keep_freed_memory()  # each batch reuses the pages the last one freed
     for i in tqdm(range(n_blocks), desc="tasks: blocks", disable=not progress, leave=False):
         block = load_block(model.model_dir, i, model.device, model.dtype, model.trust_remote_code)
         with HostSink(_Landing(flights)) as outputs:

@@ -1,9 +1,13 @@
-"""Tests for stages.run.memory.map_large_allocations: glibc serves large blocks by mmap after it.
+"""Tests for stages.run.memory's glibc malloc settings, each case in a fresh interpreter (they are
+process-wide).
 
-Each case runs in a fresh interpreter (the setting is process-wide). glibc's default raises its
-mmap threshold when a mapped block is freed, so a 4 MiB tensor after a freed 16 MiB one comes from
-the heap; after `map_large_allocations()` it is mapped (glibc's `mallinfo2().hblkhd` counts the
-bytes in mapped blocks).
+`map_large_allocations`: glibc's default raises its mmap threshold when a mapped block is freed, so a
+4 MiB tensor after a freed 16 MiB one comes from the heap; after the call it is mapped (glibc's
+`mallinfo2().hblkhd` counts the bytes in mapped blocks).
+`keep_freed_memory`: after 64 MiB of 16 MiB tensors are freed, glibc keeps none of it when it trims
+the heap's free top at 128 KiB (its initial threshold, fixed here: its default raises it with freed
+mapped blocks, to at most 64 MiB, so whether a given top is trimmed varies), and the next ones
+fault their pages in afresh; after the call the heap keeps it for reuse.
 """
 
 import ctypes
@@ -16,10 +20,10 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[3]
-PROBE = """
+MALLINFO = """
 import ctypes, ctypes.util, sys
 import torch
-from stages.run.memory import map_large_allocations
+from stages.run.memory import keep_freed_memory, map_large_allocations
 
 class Info(ctypes.Structure):
     _fields_ = [(n, ctypes.c_size_t) for n in
@@ -28,7 +32,10 @@ class Info(ctypes.Structure):
 
 libc = ctypes.CDLL(ctypes.util.find_library("c"))
 libc.mallinfo2.restype = Info
-if sys.argv[1] == "on":
+"""
+PROBE = (
+    MALLINFO
+    + """if sys.argv[1] == "on":
     map_large_allocations()
 big = torch.empty(16 << 20, dtype=torch.uint8)
 del big  # glibc's default now serves blocks up to 16 MiB from the heap
@@ -36,13 +43,31 @@ before = libc.mallinfo2().hblkhd
 small = torch.ones(4 << 20, dtype=torch.uint8)
 print(libc.mallinfo2().hblkhd - before)
 """
+)
+
+
+KEPT = (
+    MALLINFO
+    + """libc.mallopt(-1, 128 << 10)  # glibc's initial trim threshold, fixed: every free top trimmed
+if sys.argv[1] == "on":
+    keep_freed_memory()
+for _ in range(3):  # like a forward pass's temporaries: 64 MiB of 16 MiB tensors, then all freed
+    temporaries = [torch.ones(16 << 20, dtype=torch.uint8) for _ in range(4)]
+    del temporaries
+print(libc.mallinfo2().fordblks)  # free bytes the heap keeps
+"""
+)
+
+
+def probe(code: str, mode: str, **env_vars: str) -> int:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
+    env.update(PYTHONPATH=str(ROOT), **env_vars)
+    out = subprocess.run([sys.executable, "-c", code, mode], env=env, capture_output=True, text=True, check=True)
+    return int(out.stdout.strip())
 
 
 def mapped_bytes(mode: str) -> int:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    env.pop("MALLOC_MMAP_THRESHOLD_", None)
-    out = subprocess.run([sys.executable, "-c", PROBE, mode], env=env, capture_output=True, text=True, check=True)
-    return int(out.stdout.strip())
+    return probe(PROBE, mode)
 
 
 def has_mallinfo2() -> bool:
@@ -54,3 +79,11 @@ def has_mallinfo2() -> bool:
 def test_large_blocks_are_mapped_after_the_call() -> None:
     assert mapped_bytes("off") < 4 << 20  # the default: from the heap
     assert mapped_bytes("on") >= 4 << 20  # mapped, so freeing it returns it to the system
+
+
+@pytest.mark.skipif(not has_mallinfo2(), reason="needs glibc")
+def test_freed_memory_is_kept_for_reuse_after_keep_freed_memory() -> None:
+    assert probe(KEPT, "off") < 16 << 20  # returned to the system
+    assert probe(KEPT, "on") >= 64 << 20  # kept
+    # glibc's malloc tuned from the environment: the user's choice stands (here: glibc's default trim)
+    assert probe(KEPT, "on", MALLOC_TRIM_THRESHOLD_="131072") < 16 << 20
