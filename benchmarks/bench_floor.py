@@ -8,7 +8,7 @@ piece of a block's work timed exclusively (nested pieces subtracted):
   sequential: the threads' forwards and their switches),
 - hessian: `accumulate_hessian` (XᵀX once per distinct input),
 - solve: `solve_layer` (mask selection, the column loop, the lazy updates, the Cholesky factors),
-- error stats: `reconstruction_error` (each layer's ‖WX − ŴX‖² / ‖WX‖² from H),
+- error stats: `solved_error` / `reconstruction_error` (each layer's ‖WX − ŴX‖² / ‖WX‖² from H),
 - shard I/O: writing and reading activation shards; hashing: sha256 of files;
   weights: loading a block from the checkpoint and saving the pruned one,
 - overhead: the rest of `prune_one` (Python, bookkeeping).
@@ -95,6 +95,7 @@ class Profile:
             (sequential, "accumulate_hessian", "hessian"),
             (pruning, "solve_layer", "solve"),
             (pruning, "reconstruction_error", "error stats"),
+            (pruning, "solved_error", "error stats"),
             (ShardWriter, "add", "shard I/O"),
             (ShardWriter, "close", "shard I/O"),
             (ShardSet, "_rows", "shard I/O"),

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     )
     from sparsegpt.masks import check_prior_mask, nm_pattern_ok
     from sparsegpt.quant import QuantGrid, quant_grid, quantize
-    from sparsegpt.solver import PruneResult, sparsegpt_prune
+    from sparsegpt.solver import PruneResult, solved_error, sparsegpt_prune
     from sparsegpt.spec import QuantSpec, check_nm, check_sparsity
 
 # Imported on first use: `sparsegpt.spec` (argument checks) must not pull in torch.
@@ -47,6 +47,7 @@ _EXPORTS = {
     "quant_grid": "sparsegpt.quant",
     "quantize": "sparsegpt.quant",
     "reconstruction_error": "sparsegpt.hessian",
+    "solved_error": "sparsegpt.solver",
     "sparsegpt_prune": "sparsegpt.solver",
     "wanda_prune": "sparsegpt.baselines",
 }
@@ -69,6 +70,7 @@ __all__ = [
     "quant_grid",
     "quantize",
     "reconstruction_error",
+    "solved_error",
     "sparsegpt_prune",
     "wanda_prune",
 ]

@@ -142,9 +142,17 @@ def reconstruction_error(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor, 
     """
     W, W_hat = W.float(), W_hat.float()
     num = torch.zeros((), dtype=torch.float64, device=W.device)
-    den = torch.zeros((), dtype=torch.float64, device=W.device)
     for r in range(0, W.shape[0], rows):  # (rows, cols) temporaries instead of three of the weight's size
         D = W[r : r + rows] - W_hat[r : r + rows]
         num += torch.sum((D @ H) * D, dtype=torch.float64)
-        den += torch.sum((W[r : r + rows] @ H) * W[r : r + rows], dtype=torch.float64)
-    return float(num / den) if den > 0 else 0.0
+    den = output_energy(W, H, rows)
+    return float(num) / den if den > 0 else 0.0
+
+
+def output_energy(W: torch.Tensor, H: torch.Tensor, rows: int = 1024) -> float:
+    """``tr(W H Wᵀ)`` (``‖WX‖²`` up to H's scale), in fp64, ``rows`` rows of ``W`` at a time."""
+    W = W.float()
+    total = torch.zeros((), dtype=torch.float64, device=W.device)
+    for r in range(0, W.shape[0], rows):
+        total += torch.sum((W[r : r + rows] @ H) * W[r : r + rows], dtype=torch.float64)
+    return float(total)

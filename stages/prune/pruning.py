@@ -25,6 +25,7 @@ from sparsegpt import (
     magnitude_prune,
     outlier_ratio,
     reconstruction_error,
+    solved_error,
     sparsegpt_prune,
     wanda_prune,
 )
@@ -257,7 +258,7 @@ def prune_layer(
     t0 = time.perf_counter()
     res = solve_layer(W, H, cfg, sparsity, name, factors)
     seconds = time.perf_counter() - t0
-    err = reconstruction_error(W, res.weight, H)
+    err = solved_error(W, res, H) if cfg.method == "sparsegpt" else reconstruction_error(W, res.weight, H)
     set_weight(layer, res.weight)
     return LayerStats(
         sparsity=res.sparsity,

@@ -14,6 +14,7 @@ from sparsegpt import (
     magnitude_prune,
     nm_pattern_ok,
     reconstruction_error,
+    solved_error,
     sparsegpt_prune,
     wanda_prune,
 )
@@ -199,6 +200,29 @@ def test_bad_arguments(kwargs, match):
         return
     with pytest.raises(ValueError, match=match):
         sparsegpt_prune(W, H, **{"sparsity": 0.5, **kwargs})
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{}, {"prune_n": 2, "prune_m": 4}, {"quant": QuantSpec(4)}, {"percdamp": 0.1}, {"dead": True}, {"prior": True}],
+    ids=["unstructured", "2:4", "quantized", "damped", "dead inputs", "prior mask"],
+)
+def test_solved_error_is_the_reconstruction_error(kwargs):
+    """The error from the solve's loss against the direct computation, over the solve's variants; a heavily
+    damped solve (the loss mostly damping) takes the direct computation and agrees exactly."""
+    W, H, _ = layer(96, 160, seed=4)
+    kwargs = dict(kwargs)
+    if kwargs.pop("dead", False):
+        H[:, 7], H[7, :], H[:, 90], H[90, :] = 0, 0, 0, 0
+    if kwargs.pop("prior", False):
+        kwargs["prior_mask"] = sparsegpt_prune(W, H, 0.3, blocksize=32).mask
+    res = sparsegpt_prune(W, H, 0.6, blocksize=32, **kwargs)
+    direct = reconstruction_error(W, res.weight, H)
+    assert solved_error(W, res, H) == pytest.approx(direct, rel=1e-5)
+    damped = sparsegpt_prune(W, H, 0.6, blocksize=32, percdamp=100.0)
+    assert solved_error(W, damped, H) == reconstruction_error(W, damped.weight, H)
+    half = sparsegpt_prune(W.bfloat16(), H, 0.6, blocksize=32)  # rounded after the solve: computed directly
+    assert solved_error(W.bfloat16(), half, H) == reconstruction_error(W.bfloat16(), half.weight, H)
 
 
 @pytest.mark.parametrize("ties", [False, True])
