@@ -36,17 +36,18 @@ from pathlib import Path
 
 
 @functools.cache
-def _malloc_trim():
+def _libc(function: str):
+    """libc's `function` (glibc's malloc_trim, mallopt), or None where libc has none."""
     name = ctypes.util.find_library("c")
     try:
-        return ctypes.CDLL(name).malloc_trim if name else None
+        return getattr(ctypes.CDLL(name), function) if name else None
     except (OSError, AttributeError):
         return None
 
 
 def release_memory() -> None:
     """Return free heap pages to the OS where libc has `malloc_trim`."""
-    trim = _malloc_trim()
+    trim = _libc("malloc_trim")
     if trim is not None:
         trim(0)
 
@@ -54,15 +55,6 @@ def release_memory() -> None:
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
 """glibc's mallopt parameter numbers for the trim and mmap thresholds."""
-
-
-@functools.cache
-def _mallopt():
-    name = ctypes.util.find_library("c")
-    try:
-        return ctypes.CDLL(name).mallopt if name else None
-    except (OSError, AttributeError):
-        return None
 
 
 def _user_tuned() -> bool:
@@ -75,7 +67,7 @@ def _user_tuned() -> bool:
 def map_large_allocations(threshold: int = 1 << 20) -> None:
     """Serve allocations of `threshold` bytes or more by mmap (returned on free) in this process; a no-op
     without glibc or when glibc's malloc is tuned from the environment (the user's choice stands)."""
-    mallopt = _mallopt()
+    mallopt = _libc("mallopt")
     if mallopt is not None and not _user_tuned():
         mallopt(M_MMAP_THRESHOLD, threshold)
 
@@ -84,7 +76,7 @@ def keep_freed_memory(mmap_threshold: int = 32 << 20, trim_threshold: int = 1 <<
     """Serve allocations below `mmap_threshold` bytes from the heap and keep up to `trim_threshold` bytes of
     its free top for reuse, in this process; a no-op without glibc or when glibc's malloc is tuned from
     the environment. Idempotent; `release_memory()` still returns everything free when called."""
-    mallopt = _mallopt()
+    mallopt = _libc("mallopt")
     if mallopt is not None and not _user_tuned():
         mallopt(M_MMAP_THRESHOLD, mmap_threshold)
         mallopt(M_TRIM_THRESHOLD, trim_threshold)
