@@ -20,6 +20,7 @@ model's shape, measured, next to a FLOP and byte model projected to Llama-2-70B 
     python benchmarks/bench_scale.py --shape llama3-8b --blocks 4 --keep             # ~3 GiB checkpoint
     python benchmarks/bench_scale.py --shape llama3-8b --stages prune --keep         # full depth: hours
     python benchmarks/bench_scale.py --shape opt-6.7b --blocks 2 --prune-args "--nm 2:4"
+    python benchmarks/bench_scale.py --shape llama3-8b --stages prune --mem-cap-gib 8   # checkpoint > its RAM
 
 Disk under --work (default /work/scale-work): the checkpoint (llama3-8b full depth: 14 GiB
 with the tokenizer's 49k vocabulary), and during prune the run directory: blocks/ in the
@@ -45,6 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks import scale_model as sm
+from benchmarks.memcap import CapUnavailable, MemoryCap
 from benchmarks.scale_ckpt import SHAPES, build_config
 from benchmarks.scale_monitor import Measured, dir_bytes, run_measured
 
@@ -79,8 +81,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--task-samples", type=Path, default=ROOT.parent / "shared" / "data" / "task-samples")
     p.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of every child")
     p.add_argument("--shard-gib", type=float, default=4.0)
+    p.add_argument(
+        "--mem-cap-gib",
+        type=float,
+        default=None,
+        help="run each stage in a memory cgroup of this size (page cache counted, no swap): "
+        "a RAM smaller than the checkpoint",
+    )
     p.add_argument("--gpu", choices=sorted(sm.GPUS), default="a100-80gb", help="projection's GPU")
     args = p.parse_args(argv)
+    if args.mem_cap_gib is not None and args.mem_cap_gib <= 0:
+        p.error(f"--mem-cap-gib must be positive, got {args.mem_cap_gib}")
     bad = set(args.stages.split(",")) - set(STAGES)
     if bad:
         p.error(f"unknown stages {sorted(bad)}; choose among {', '.join(STAGES)}")
@@ -171,6 +182,10 @@ def print_stage(name: str, m: Measured, ckpt_bytes: int, log: Path, run_dir: Pat
     io = m.io
     print(f"[{name}] {status}")
     print(f"  wall {m.wall_s:.1f} s | peak RSS tree {gib(m.peak_rss_tree)}, largest process {gib(m.peak_rss_max)}")
+    if m.cap is not None:
+        peak = gib(m.cap_peak) if m.cap_peak is not None else "not counted"
+        kills = m.oom_kills if m.oom_kills is not None else "not counted"
+        print(f"  memory cap {m.cap}: peak usage {peak} (page cache included), OOM kills {kills}")
     if m.disk_peak:
         print(
             f"  run dir on disk: peak {gib(m.disk_peak)}, end {gib(m.disk_end)}; checkpoint {gib(ckpt_bytes)}, "
@@ -318,6 +333,15 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.threads} thread(s), checkout {ROOT}"
     )
     ckpt_bytes = write_ckpt(args, ckpt, env)
+    cap_bytes = int(args.mem_cap_gib * GIB) if args.mem_cap_gib else None
+    if cap_bytes is not None:
+        try:
+            MemoryCap.create(cap_bytes).close()  # fail here, in one line, rather than in every stage
+        except CapUnavailable as e:
+            sys.exit(f"--mem-cap-gib: {e}")
+        print(
+            f"memory cap per stage: {gib(cap_bytes)}; checkpoint {gib(ckpt_bytes)} = {ckpt_bytes / cap_bytes:.2f}x the cap"
+        )
     cmds = commands(args, ckpt, run_dir)
     for name in args.stages.split(","):
         cmd = cmds[name]
@@ -328,7 +352,12 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(run_dir, ignore_errors=True)
         print(f"$ {shlex.join(cmd[1:])}", flush=True)
         log = args.work / "logs" / f"{run_dir.name}-{name}.log"
-        m = run_measured(cmd, ROOT, env, log, watch=run_dir if name == "prune" else None)
+        cap = MemoryCap.create(cap_bytes) if cap_bytes is not None else None
+        try:
+            m = run_measured(cmd, ROOT, env, log, watch=run_dir if name == "prune" else None, cap=cap)
+        finally:
+            if cap is not None:
+                cap.close()
         print_stage(name, m, ckpt_bytes, log, run_dir if name == "prune" else None)
         if name == "prune":
             print_prune_outputs(ckpt, run_dir)

@@ -15,11 +15,14 @@ every `interval` seconds from /proc, and the size of `watch` (allocated blocks, 
 - over time: every sample (time, RSS of the tree, folder size) goes to LOG.samples.csv,
   so the peaks of any stretch of a run (e.g. its first 8 blocks against all 32) can be read.
 The child and its descendants get oom_score_adj 1000: when memory runs out, the kernel
-kills the measured command first, not a bystander. Used by bench_scale.py; Linux only.
+kills the measured command first, not a bystander. With `cap=` (benchmarks/memcap.py) they run
+in a memory cgroup of their own, and the cap's high-water mark and OOM kills are reported.
+Used by bench_scale.py; Linux only.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import subprocess
@@ -27,6 +30,8 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from benchmarks.memcap import MemoryCap
 
 IO_KEYS = ("rchar", "wchar", "read_bytes", "write_bytes")
 
@@ -47,6 +52,12 @@ class Measured:
     disk_peak: int = 0
     """Largest sampled size of the watched folder, bytes (0 if none)."""
     disk_end: int = 0
+    cap: str | None = None
+    """The memory cap the command ran under (MemoryCap.describe()), None without one."""
+    cap_peak: int | None = None
+    """The cap's high-water mark of usage, page cache included, bytes (None: no cap or not counted)."""
+    oom_kills: int | None = None
+    """Processes the OOM killer killed inside the cap (None: no cap or not counted)."""
 
     @property
     def failure(self) -> str | None:
@@ -155,10 +166,13 @@ class _Sampler(threading.Thread):
             self.stop.wait(self.interval)
 
 
-def _first_to_die() -> None:
-    """In the child before exec: make it the OOM killer's first choice (inherited by its children)."""
+def _first_to_die(cap: MemoryCap | None = None) -> None:
+    """In the child before exec: make it the OOM killer's first choice and enter `cap` (both inherited
+    by its children)."""
     with open("/proc/self/oom_score_adj", "w") as f:
         f.write("1000")
+    if cap is not None:
+        cap.join()
 
 
 def run_measured(
@@ -169,11 +183,20 @@ def run_measured(
     watch: Path | None = None,
     interval: float = 0.25,
     du_every: float = 1.0,
+    cap: MemoryCap | None = None,
 ) -> Measured:
-    """Run `cmd` (stdout and stderr to `log`) and measure it; never raises on the command's failure."""
+    """Run `cmd` (stdout and stderr to `log`) and measure it, inside `cap` when given (the caller closes
+    it); never raises on the command's failure."""
     t0 = time.perf_counter()
     with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, preexec_fn=_first_to_die)
+        proc = subprocess.Popen(
+            cmd,
+            cwd=cwd,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            preexec_fn=functools.partial(_first_to_die, cap),
+        )
     sampler = _Sampler(proc.pid, watch, interval, du_every)
     sampler.start()
     os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOWAIT)  # a zombie now: its io holds its reaped children's
@@ -200,4 +223,7 @@ def run_measured(
         io=io,
         disk_peak=max(sampler.disk_peak, disk_end),
         disk_end=disk_end,
+        cap=cap.describe() if cap is not None else None,
+        cap_peak=cap.peak() if cap is not None else None,
+        oom_kills=cap.oom_kills() if cap is not None else None,
     )
