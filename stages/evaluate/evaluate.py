@@ -33,7 +33,7 @@ from stages.evaluate.tasks.zeroshot import evaluate_tasks
 from stages.model.blocks import load_block, run_block, skeleton
 from stages.model.capture import Head, capture_inputs
 from stages.model.models import load_tokenizer, max_positions
-from stages.run.memory import keep_freed_memory, release_memory
+from stages.run.memory import GrowthTrim, keep_freed_memory, release_memory
 from stages.run.rundir import atomic_write_json, verify_record, write_record
 from stages.run.shared import entry_lock
 from stages.run.transfer import HostSink, device_batches, rows_into
@@ -58,6 +58,7 @@ def blockwise_perplexity(
     hidden, kwargs = capture_inputs(model_dir, windows, device, dtype, batch_size, trust_remote_code)
     n_blocks = skeleton(model_dir, trust_remote_code).num_blocks
     keep_freed_memory()  # each batch reuses the pages the last one freed
+    trim = GrowthTrim()
     for i in tqdm(range(n_blocks), desc=desc, disable=not progress, leave=False):
         block = load_block(model_dir, i, device, dtype, trust_remote_code)
         inputs = (hidden[j : j + batch_size] for j in range(0, nwin, batch_size))
@@ -65,7 +66,7 @@ def blockwise_perplexity(
             for x in device_batches(inputs, device):
                 outputs(run_block(block, x, kwargs))
         del block
-        release_memory()
+        trim()
     head = Head(model_dir, device, dtype, trust_remote_code)
     total = 0.0
     for j in range(nwin):

@@ -56,7 +56,7 @@ from stages.prune.reconstruct import reconstruct_block
 from stages.prune.sequential import NotSequential, prune_block_sequential
 from stages.prune.streams import Run, capture, ensure_acts, load_kwargs, reconstruction_targets
 from stages.run.identity import init_run
-from stages.run.memory import keep_freed_memory, release_memory
+from stages.run.memory import keep_freed_memory, release_grown_memory, release_memory
 from stages.run.rundir import RunLock, bytes_hashed, prune_old, sweep_tmp, verify_record, write_record
 from stages.run.shards import ShardSet, ShardWriter, is_complete, read_shards
 from stages.run.shared import entry_lock
@@ -212,7 +212,7 @@ def prune_one(cfg: PruneConfig, run: Run, i: int, sparsity: float) -> dict:
     prune_old(run.root / "dense", "block_*", keep_last=cfg.runtime.keep_acts)
     shutil.rmtree(run.root / "recon", ignore_errors=True)
     del block
-    release_memory()  # what the block kept goes back: memory stays flat in depth
+    release_grown_memory()  # what the blocks leave behind goes back when it grows: memory stays flat in depth
     return record
 
 

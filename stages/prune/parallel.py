@@ -42,7 +42,7 @@ from stages.model.blocks import (
 from stages.prune.oneshot import save_block_files
 from stages.prune.pruning import LayerStats, SharedFactor, collect_hessians, prune_layer
 from stages.prune.streams import SAMPLES_PER_SHARD, Run, ensure_acts, load_kwargs
-from stages.run.memory import release_memory
+from stages.run.memory import release_grown_memory
 from stages.run.ranks import TIMEOUT, RankFailed, join_group, rank_device, spawn_ranks
 from stages.run.rundir import RunError, bytes_hashed, prune_old, verify_record, write_record
 from stages.run.shards import ShardSet, ShardWriter, discard, read_shards, write_manifest
@@ -177,7 +177,7 @@ def prune_one_ranks(cfg: PruneConfig, run: Run, i: int, sparsity: float, device:
         write_record(run.block_record(i), payload, files)
         prune_old(run.root / "acts", "block_*", keep_last=cfg.runtime.keep_acts)
     del block
-    release_memory()
+    release_grown_memory()
     dist.barrier()  # the record is written before any rank looks at the next block
 
 

@@ -52,6 +52,60 @@ def release_memory() -> None:
         trim(0)
 
 
+def resident_anonymous() -> int | None:
+    """This process's anonymous resident bytes (RssAnon: the heap and mapped tensors, not mapped files),
+    None where /proc does not say."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+class GrowthTrim:
+    """`release_memory()` after a step of a loop of like steps (a block), only when it pays.
+
+    Trimming after every block returns the block's working set too, and the next block faults all
+    of it in again (on SmolLM2-135M's sequential prune 9-12% of the wall time). Never trimming lets
+    the heap's fragments grow with depth (150 MiB over 30 blocks there). This trims after the first
+    call (what came before the loop goes), takes the anonymous resident size after the next one as
+    the steady state, and trims again only when a later step ends more than `slack` above it (the
+    larger of `min_slack` and `fraction` of the steady state), then measures the steady state anew.
+    Memory stays flat in depth within the slack; where RssAnon is unknown it trims every time."""
+
+    def __init__(self, min_slack: int = 32 << 20, fraction: float = 1 / 32) -> None:
+        self.min_slack, self.fraction = min_slack, fraction
+        self.base: int | None = None
+        self.armed = False  # trimmed, the next step's end is the steady state
+
+    def __call__(self) -> bool:
+        """After a step: trim if due; True when it trimmed."""
+        now = resident_anonymous()
+        if now is None:
+            release_memory()
+            return True
+        if self.base is None and self.armed:
+            self.base = now
+            return False
+        if self.base is None or now > self.base + max(self.min_slack, int(self.base * self.fraction)):
+            release_memory()
+            self.base, self.armed = None, True
+            return True
+        return False
+
+
+_STEPS = GrowthTrim()
+
+
+def release_grown_memory() -> bool:
+    """The process's `GrowthTrim` after a block of a loop (pruning, block-wise evaluation); True when it
+    trimmed."""
+    return _STEPS()
+
+
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
 """glibc's mallopt parameter numbers for the trim and mmap thresholds."""

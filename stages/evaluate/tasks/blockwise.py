@@ -36,7 +36,7 @@ from stages.evaluate.tasks.scoring import (
 from stages.model.blocks import Kwargs, load_block, move_kwargs, run_block, skeleton
 from stages.model.capture import Head
 from stages.model.models import load_config
-from stages.run.memory import keep_freed_memory, release_memory
+from stages.run.memory import GrowthTrim, keep_freed_memory
 from stages.run.transfer import HostSink, device_batches
 
 MAX_BYTES = 1 << 30
@@ -101,6 +101,7 @@ def _walk(
         flights.append(_InFlight(p, hidden.to(cpu), kwargs))
     n_blocks = skeleton(model.model_dir, model.trust_remote_code).num_blocks
     keep_freed_memory()  # each batch reuses the pages the last one freed
+    trim = GrowthTrim()
     for i in tqdm(range(n_blocks), desc="tasks: blocks", disable=not progress, leave=False):
         block = load_block(model.model_dir, i, model.device, model.dtype, model.trust_remote_code)
         with HostSink(_Landing(flights)) as outputs:
@@ -108,7 +109,7 @@ def _walk(
                 kwargs = {k: move_kwargs(v, 1, trunk.device, model.dtype) for k, v in f.kwargs[i].items()}
                 outputs(run_block(block, x, kwargs))
         del block
-        release_memory()
+        trim()
     for f in flights:
         kept = f.hidden[f.p.keep]  # (n_keep, hidden): the final norm and the head act on each position alone
         logits = torch.cat([trunk(kept[None, a : a + HEAD_CHUNK])[0] for a in range(0, len(kept), HEAD_CHUNK)])

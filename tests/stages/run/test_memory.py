@@ -87,3 +87,49 @@ def test_freed_memory_is_kept_for_reuse_after_keep_freed_memory() -> None:
     assert probe(KEPT, "on") >= 64 << 20  # kept
     # glibc's malloc tuned from the environment: the user's choice stands (here: glibc's default trim)
     assert probe(KEPT, "on", MALLOC_TRIM_THRESHOLD_="131072") < 16 << 20
+
+
+MIB = 1 << 20
+
+
+def trims_over(readings: list[int | None], monkeypatch: pytest.MonkeyPatch, **kwargs) -> list[bool]:
+    """Whether a fresh GrowthTrim trims after each step, given the RssAnon read after each."""
+    from stages.run import memory
+
+    calls: list[int] = []
+    it = iter(readings)
+    monkeypatch.setattr(memory, "resident_anonymous", lambda: next(it))
+    monkeypatch.setattr(memory, "release_memory", lambda: calls.append(1))
+    trim = memory.GrowthTrim(**kwargs)
+    said = [trim() for _ in readings]
+    assert len(calls) == sum(said)  # it says what it did
+    return said
+
+
+def test_growth_trim_trims_first_then_only_past_the_slack(monkeypatch: pytest.MonkeyPatch) -> None:
+    # step 0 trims (what came before the loop), step 1 is the steady state (900 MiB), slack 32 MiB:
+    # 920 and 932 stay, 933 is past it and trims, the next step (890) is the new steady state
+    steps = [1200, 900, 920, 932, 933, 890, 922, 923]
+    said = trims_over([s * MIB for s in steps], monkeypatch, min_slack=32 * MIB, fraction=1 / 32)
+    assert said == [True, False, False, False, True, False, False, True]
+
+
+def test_growth_trim_slack_grows_with_the_steady_state(monkeypatch: pytest.MonkeyPatch) -> None:
+    # 4 GiB steady: the slack is 1/32 of it (128 MiB), not the 32 MiB floor
+    said = trims_over([5000 * MIB, 4096 * MIB, 4200 * MIB, 4225 * MIB], monkeypatch, min_slack=32 * MIB)
+    assert said == [True, False, False, True]
+
+
+def test_growth_trim_trims_every_step_without_rss_anon(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert trims_over([None, None, None], monkeypatch) == [True, True, True]
+
+
+def test_resident_anonymous_counts_touched_memory() -> None:
+    from stages.run.memory import resident_anonymous
+
+    before = resident_anonymous()
+    if before is None:
+        pytest.skip("no RssAnon in /proc/self/status")
+    held = bytearray(b"\x01" * (64 * MIB))
+    assert resident_anonymous() - before >= 60 * MIB
+    del held
