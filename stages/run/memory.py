@@ -22,10 +22,16 @@ fresh, zeroed ones in. glibc's default trims a free top over twice its dynamic m
 forward over 32 x 512 tokens took about 90k page faults and 0.15-0.2 s of system time before,
 about 300 after (10% less wall time). Allocations of 32 MiB or more are still mapped (glibc's
 steady state too): a heap that served them fragments around the small allocations in between
-and grows. Freed memory is reused before the heap grows, and `release_memory()` after each block
-still returns it all (without that the sequential mode's peak grew by 150 MiB over the blocks):
-`bench_pipeline.py`'s peaks stayed within their run-to-run spread (default 50%: 928 MiB before,
-941 and 963 after; sequential 910 and 1043 before, 913 and 1048 after).
+and grows.
+
+Between blocks, `GrowthTrim` (`release_grown_memory()` for the prune stage's blocks) returns the
+freed heap only when the resident size grew past a slack over its steady state. A `malloc_trim`
+after every block returned the block's working set too, and the next block faulted it all in
+again; never trimming let the heap's fragments grow with depth (the sequential mode's peak by
+150 MiB over SmolLM2-135M's 30 blocks). With it the sequential prune trims after 4 of 30 blocks
+(end-of-block RssAnon 736-852 MiB). `bench_floor.py`, per-block trim vs this, two runs each,
+block time over the floor timed in the same run: default 1.40 / 1.32x vs 1.37 / 1.21x,
+sequential 1.46 / 1.52x vs 1.28 / 1.33x (the forward alone 1.38 / 1.44x vs 1.18 / 1.21x).
 """
 
 import ctypes
