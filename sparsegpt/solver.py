@@ -98,20 +98,22 @@ def sparsegpt_prune(
 
     mask = torch.zeros(rows, cols, dtype=torch.bool, device=W.device)
     loss = torch.zeros((), dtype=torch.float32, device=W.device)
+    spaces: dict[int, _BlockSpace] = {}  # by column count: all blocks but the last share one
     for b, i1 in enumerate(range(0, cols, blocksize)):
         i2 = min(i1 + blocksize, cols)
-        W1 = W[:, i1:i2].clone()  # (rows, count)
-        Hinv1 = Hinv[i1:i2, i1:i2]  # (count, count), upper triangular
+        count = i2 - i1
+        space = spaces.get(count) or spaces.setdefault(count, _BlockSpace(W, Hinv, count, subblock, prune_m))
+        space.load(W[:, i1:i2], Hinv[i1:i2, i1:i2])
         prior1 = prior[:, i1:i2] if prior is not None else None
         if prune_m:
-            mask1 = torch.zeros_like(W1, dtype=torch.bool)
+            space.mask1.zero_()
         else:
-            mask1 = _select_unstructured(W1, Hinv1, prior1, quota[b])
-        Err1 = _solve_block(W1, Hinv1, mask1, prior1, prune_n, prune_m, subblock, grid, i1)
-        W[:, i1:i2] = W1
-        mask[:, i1:i2] = mask1
-        loss += torch.sum(Err1 * Err1) / 2
-        W[:, i2:].addmm_(Err1, Hinv[i1:i2, i2:], alpha=-1)
+            space.mask1.copy_(_select_unstructured(space.W1, space.Hinv1, prior1, quota[b]))
+        _solve_block(space, prior1, prune_n, prune_m, grid, i1)
+        W[:, i1:i2] = space.W1
+        mask[:, i1:i2] = space.mask1
+        loss += torch.sum(space.Err1 * space.Err1) / 2
+        W[:, i2:].addmm_(space.Err1, Hinv[i1:i2, i2:], alpha=-1)
     return PruneResult(weight=W.to(out_dtype), mask=mask, loss=float(loss), percdamp=used_damp, grid=grid)
 
 
@@ -172,34 +174,73 @@ def _select_unstructured(W1: torch.Tensor, Hinv1: torch.Tensor, prior1: torch.Te
     return lowest_k(scores, k) | prior1
 
 
+class _BlockSpace:
+    """One block's buffers and the views the column loop reads, made once per layer and block width.
+
+    Slicing a tensor is a dispatch (2-3 µs on a CPU), as much as the column's arithmetic: with every view
+    the loop needs made here, each column costs two dispatches (its error and its OBS update) and each
+    N:M group five. `load` copies the next block in; the views follow the buffers.
+    """
+
+    def __init__(self, W: torch.Tensor, Hinv: torch.Tensor, count: int, subblock: int, prune_m: int) -> None:
+        rows = W.shape[0]
+        f32 = dict(dtype=torch.float32, device=W.device)
+        self.W1 = torch.empty(rows, count, **f32)  # (rows, count)
+        self.Err1 = torch.empty(rows, count, **f32)  # (rows, count)
+        self.scaled = torch.empty(rows, count, **f32)  # mask / d: err_j = w_j * scaled[:, j] without quantization
+        self.Hinv1 = torch.empty(count, count, **f32)  # (count, count), upper triangular
+        if Hinv.stride(0) < Hinv.stride(1):  # in Hinv's layout (column-major from Cholesky): same BLAS paths
+            self.Hinv1 = self.Hinv1.t()
+        self.d = torch.empty(count, **f32)  # diag(Hinv1)
+        self.mask1 = torch.empty(rows, count, dtype=torch.bool, device=W.device)
+        self.w_cols, self.err_cols = self.W1.unbind(1), self.Err1.unbind(1)
+        self.scaled_cols, h_rows = self.scaled.unbind(1), self.Hinv1.unbind(0)
+        self.subblocks = []  # (s1, s2, W1[:, s2:], Err1[:, s1:s2], Hinv1[s1:s2, s2:]) per sub-block
+        self.rests: list[tuple[torch.Tensor, torch.Tensor] | None] = []  # (W1[:, j+1:s2], Hinv1[j, j+1:s2])
+        for s1 in range(0, count, subblock):
+            s2 = min(s1 + subblock, count)
+            tail = (self.W1[:, s2:], self.Err1[:, s1:s2], self.Hinv1[s1:s2, s2:]) if s2 < count else None
+            self.subblocks.append((s1, s2, tail))
+            self.rests += [(self.W1[:, j + 1 : s2], h_rows[j][j + 1 : s2]) for j in range(s1, s2 - 1)] + [None]
+        self.d2 = torch.empty(count, **f32) if prune_m else None  # d²
+        if prune_m:
+            self.scores = torch.empty(rows, prune_m, **f32)  # (rows, m)
+            self.groups = [self._group(j, prune_m) for j in range(0, count, prune_m)]
+
+    def _group(self, j: int, m: int) -> tuple:
+        g = slice(j, j + m)
+        return self.W1[:, g], self.d2[g].unsqueeze(0), self.mask1[:, g], self.scaled[:, g], self.d[g].unsqueeze(0)
+
+    def load(self, W1: torch.Tensor, Hinv1: torch.Tensor) -> None:
+        """Copy a block's weights ``(rows, count)`` and its ``Hinv`` block ``(count, count)`` in."""
+        self.W1.copy_(W1)
+        self.Hinv1.copy_(Hinv1)
+        self.d.copy_(torch.diagonal(self.Hinv1))
+        if self.d2 is not None:
+            torch.mul(self.d, self.d, out=self.d2)
+
+
 def _solve_block(
-    W1: torch.Tensor,
-    Hinv1: torch.Tensor,
-    mask1: torch.Tensor,
+    space: _BlockSpace,
     prior1: torch.Tensor | None,
     prune_n: int,
     prune_m: int,
-    subblock: int,
     grid: QuantGrid | None,
     col0: int,
-) -> torch.Tensor:
-    """Run the OBS column loop over one block in place; return its errors ``(rows, count)``.
+) -> None:
+    """Run the OBS column loop over the block loaded in ``space``, in place.
 
-    On return ``W1`` holds the final pruned/quantized weights of the block and, for
-    N:M, ``mask1`` holds the groups chosen on the way.
+    On return ``space.W1`` holds the final pruned/quantized weights of the block, ``space.Err1`` its
+    errors ``(rows, count)`` and, for N:M, ``space.mask1`` the groups chosen on the way.
     """
-    count = W1.shape[1]
-    d = torch.diag(Hinv1)  # (count,)
-    Err1 = torch.zeros_like(W1)
-    # scaled[:, j] = mask[:, j] / d_j, so that err_j = w_j * scaled[:, j] without quantization.
-    scaled = mask1.to(W1.dtype) / d.unsqueeze(0) if not prune_m else torch.zeros_like(W1)
-    # Column views made once per block: indexing W1[:, j] and friends in the loop is a dispatch each.
-    w_cols, err_cols, scaled_cols, h_rows = W1.unbind(1), Err1.unbind(1), scaled.unbind(1), Hinv1.unbind(0)
-    for s1 in range(0, count, subblock):
-        s2 = min(s1 + subblock, count)
+    W1, mask1, d = space.W1, space.mask1, space.d
+    if not prune_m:
+        torch.div(mask1, d.unsqueeze(0), out=space.scaled)
+    w_cols, err_cols, scaled_cols, rests = space.w_cols, space.err_cols, space.scaled_cols, space.rests
+    for s1, s2, tail in space.subblocks:
         for j in range(s1, s2):
             if prune_m and j % prune_m == 0:
-                _select_nm_group(W1, d, mask1, prior1, scaled, j, prune_n, prune_m)
+                _select_nm_group(space, j // prune_m, prior1, j, prune_n, prune_m)
             w, err = w_cols[j], err_cols[j]
             if grid is None:
                 torch.mul(w, scaled_cols[j], out=err)
@@ -208,33 +249,27 @@ def _solve_block(
                 q = quantize(w.masked_fill(mask1[:, j], 0), scale, zero, grid.maxq)
                 torch.div(w - q, d[j], out=err)
                 w.copy_(q)
-            if j + 1 < s2:
-                W1[:, j + 1 : s2].addr_(err, h_rows[j][j + 1 : s2], alpha=-1)
-        if s2 < count:
-            W1[:, s2:].addmm_(Err1[:, s1:s2], Hinv1[s1:s2, s2:], alpha=-1)
+            rest = rests[j]
+            if rest is not None:
+                rest[0].addr_(err, rest[1], alpha=-1)
+        if tail is not None:
+            tail[0].addmm_(tail[1], tail[2], alpha=-1)
     W1.masked_fill_(mask1, 0)
-    return Err1
 
 
 def _select_nm_group(
-    W1: torch.Tensor,
-    d: torch.Tensor,
-    mask1: torch.Tensor,
-    prior1: torch.Tensor | None,
-    scaled: torch.Tensor,
-    j: int,
-    prune_n: int,
-    prune_m: int,
+    space: _BlockSpace, k: int, prior1: torch.Tensor | None, j: int, prune_n: int, prune_m: int
 ) -> None:
-    """Choose the ``prune_n`` lowest-scoring weights of the group starting at column ``j``."""
-    g = slice(j, j + prune_m)
-    scores = W1[:, g].square() / d[g].square().unsqueeze(0)  # (rows, m)
+    """Choose the ``prune_n`` lowest-scoring weights of group ``k``, the ``prune_m`` columns from ``j``."""
+    w, d2, gmask, scaled, d = space.groups[k]
+    scores = space.scores
+    torch.mul(w, w, out=scores)
+    scores.div_(d2)  # w² / d²
     if prior1 is not None:
-        scores.masked_fill_(prior1[:, g], float("-inf"))
+        gprior = prior1[:, j : j + prune_m]
+        scores.masked_fill_(gprior, float("-inf"))
     idx = torch.topk(scores, prune_n, dim=1, largest=False).indices
-    gmask = mask1[:, g]
     gmask.scatter_(1, idx, True)
     if prior1 is not None:
-        gmask |= prior1[:, g]
-    mask1[:, g] = gmask
-    scaled[:, g] = gmask.to(scaled.dtype) / d[g].unsqueeze(0)
+        gmask |= gprior
+    torch.div(gmask, d, out=scaled)
