@@ -134,6 +134,7 @@ def bare(fn: Callable[[], object], repeat: int = 5) -> float:
 def block_floor(model_dir: Path, nsamples: int, seqlen: int, batch: int, blocksize: int) -> dict[str, float]:
     """Floor seconds of one block (block 0's shapes): forward pass (all layers), forward without the last
     layer, hessian, solve."""
+    from sparsegpt.hessian import _invert_lower_
     from stages.model.blocks import find_layers, get_weight, load_block
     from stages.model.models import load_config
     from stages.prune.pruning import HessianCollector
@@ -175,9 +176,8 @@ def block_floor(model_dir: Path, nsamples: int, seqlen: int, batch: int, blocksi
             H = torch.randn(cols, 2 * cols)
             H = H @ H.T / cols + torch.eye(cols)
 
-            def factor(H=H):
-                L = torch.linalg.cholesky(H)
-                torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
+            def factor(H=H):  # as `hessian_inverse`: one factorisation, one triangular inverse (its products)
+                _invert_lower_(torch.linalg.cholesky(H.flip(0, 1)))
 
             solve += bare(factor)
         eye = torch.eye(cols)  # the products' shapes are what count, not their values

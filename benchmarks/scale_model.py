@@ -15,7 +15,7 @@ precision = 2 on a GPU, stages.model.models.compute_dtype):
 |---------------------|------------------------------------------------|------------------------------------------------|
 | forward FLOPs       | 2 passes x (2 P T + 4 T L a)                   | collect_hessians runs the dense block (stops at the last linear's input), then forward_to_shards the pruned one |
 | Hessian FLOPs, fp32 | sum_g 2 T c_g^2                                | HessianCollector: accumulate_hessian once per distinct input |
-| inverse FLOPs, fp32 | sum_g 4/3 c_g^3 at the factorization rate      | hessian_inverse per distinct input g (cholesky, cholesky_inverse, cholesky; linears sharing H share it) |
+| inverse FLOPs, fp32 | sum_g 2/3 c_g^3 at the factorization rate      | hessian_inverse per distinct input g (cholesky, triangular inverse; linears sharing H share it) |
 | lazy updates, fp32  | sum_i r_i c_i^2                                | sparsegpt_prune: W[:, i2:] -= Err1 Hinv[i1:i2, i2:] after each block of 128 columns |
 | column loop         | sum_i (c_i column_s + r_i c_i elem_s)          | _solve_block: a few small kernels per column over strided (rows, 128) columns |
 | stats FLOPs, fp32   | sum_i 2 r_i c_i^2                              | solved_error: W H (the numerator from the solve's loss; not in the records' solve seconds) |
@@ -181,7 +181,7 @@ def block_work(s: Shape, nsamples: int, seqlen: int, e: int, passes: int = 2) ->
     return Work(
         fwd=passes * (2 * s.P * T + 4 * T * seqlen * s.attn),
         hess=sum(2 * T * li.cols**2 for li in s.linears if li.owner == li.name),
-        inverse=sum(4 / 3 * li.cols**3 for li in s.linears if li.owner == li.name),
+        inverse=sum(2 / 3 * li.cols**3 for li in s.linears if li.owner == li.name),
         lazy=sum(li.rows * li.cols**2 for li in s.linears),
         stats=sum(2 * li.rows * li.cols**2 for li in s.linears),
         columns=sum(li.cols for li in s.linears),
@@ -245,7 +245,7 @@ def cpu_rates(threads: int) -> dict[str, float]:
         n += 1
     flops = n * 2 * 1024**3 / (time.perf_counter() - t0)
     X = torch.randn(8192, 4096)  # (tokens, cols)
-    fact = 4 / 3 * 4096**3 / _seconds(hessian_inverse, X.T @ X)
+    fact = 2 / 3 * 4096**3 / _seconds(hessian_inverse, X.T @ X)
     H = X[:, :2048].T @ X[:, :2048]
     t_inv = _seconds(hessian_inverse, H)
     loop = {

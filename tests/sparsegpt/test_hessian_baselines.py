@@ -140,3 +140,36 @@ def test_all_finite_is_exact_also_when_the_sum_overflows():
         assert not _all_finite(t)
     mixed = torch.tensor([float("inf"), float("-inf")])  # sums to NaN
     assert not _all_finite(mixed)
+
+
+@pytest.mark.parametrize("n", [1, 7, 128, 300])
+def test_invert_lower_in_place_equals_inverse(n):
+    from sparsegpt.hessian import _invert_lower_
+
+    g = torch.Generator().manual_seed(n)
+    X = torch.randn(2 * n, n, generator=g, dtype=torch.float64)
+    L = torch.linalg.cholesky(X.T @ X / n + torch.eye(n, dtype=torch.float64))  # a Hessian's factor
+    got = _invert_lower_(L.clone(), leaf=32)  # 300: splits into unequal halves down to leaves of 18-19
+    torch.testing.assert_close(got, torch.linalg.inv(L), rtol=1e-10, atol=1e-10)
+    assert torch.equal(got, got.tril())
+
+
+@pytest.mark.parametrize("cols", [64, 700])
+def test_hessian_inverse_is_the_authors_factor(cols):
+    """The upper factor by reversed Cholesky and one triangular inverse equals the authors' chain (factor,
+    invert, factor again) computed in float64, dead inputs and damping included."""
+    from sparsegpt import hessian_inverse
+
+    g = torch.Generator().manual_seed(cols)
+    X = torch.randn(2 * cols, cols, generator=g) * torch.rand(cols, generator=g) ** 2
+    H = X.T @ X / X.shape[0]
+    H[5], H[:, 5] = 0, 0
+    H0 = H.clone()
+    U, dead, damp = hessian_inverse(H, 0.01)
+    assert torch.equal(H, H0) and dead.nonzero().flatten().tolist() == [5] and damp == 0.01
+    ref = H.double()
+    ref[5, 5] = 1
+    ref.diagonal().add_(0.01 * ref.diagonal().mean())
+    ref = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(ref)), upper=True)
+    assert U.dtype == torch.float32 and torch.equal(U, U.triu())
+    assert float((U.double() - ref).norm() / ref.norm()) < 1e-6
