@@ -117,7 +117,7 @@ def test_quant_grid_includes_zero_and_groups():
         quant_grid(W, QuantSpec(bits=2, groupsize=3))
 
 
-@pytest.mark.parametrize("cols", [100, 1030, 4100])
+@pytest.mark.parametrize("cols", [100, 300, 1030, 4100])
 def test_blocked_symmetric_update_equals_plain_gemm(cols):
     g = torch.Generator().manual_seed(cols)
     H, n = None, 0
