@@ -14,6 +14,7 @@ Bad input ends with one line `error: ...` naming the problem and the fix, exit c
 from __future__ import annotations
 
 import argparse
+import atexit
 import logging
 import os
 import signal
@@ -53,6 +54,37 @@ def _terminate_like_interrupt() -> None:
     outlives it.
     """
     signal.signal(signal.SIGTERM, _raise_terminated)
+
+
+class _QuickExit:
+    """End a program's process as soon as its exit handlers have run, without the interpreter's teardown.
+
+    Python then frees every object of torch, transformers and Prefect one by one: 1.4 s after a SmolLM2
+    prune here, 0.8 s for the imports alone, with nothing left to save (results are written, closed and
+    renamed into place before the flow returns). Registered first, so it runs last: after Prefect's
+    handlers and the temporary server's stop, and after the non-daemon threads were joined; it shuts
+    logging down (registered before it) and flushes the standard streams itself. Not under coverage,
+    whose data is saved by an exit handler registered before this one.
+    """
+
+    def __init__(self) -> None:
+        self.code: int = 1  # an uncaught exception's exit status, until `finish` says otherwise
+        atexit.register(self._exit)
+
+    def finish(self, code: object) -> None:
+        """Exit with ``code`` as `sys.exit` would: None is 0, an int itself, anything else (a message) 1."""
+        self.code = 0 if code is None else code if isinstance(code, int) else 1
+
+    def _exit(self) -> None:
+        if "coverage" in sys.modules:
+            return
+        logging.shutdown()
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError, AttributeError):  # closed or replaced streams: nothing to flush
+                pass
+        os._exit(self.code)
 
 
 def _add_prune(sub: argparse._SubParsersAction) -> None:
@@ -245,7 +277,21 @@ def _status(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None, early_server: bool | None = None) -> int:
     """The command line; ``argv`` default: sys.argv. ``early_server`` (default: when ``argv`` is None, i.e.
     as a program) starts Prefect's temporary server while the input is checked (`_EarlyServer`); a caller
-    that passes its own ``argv`` (tests, scripts) leaves that start to Prefect's first flow."""
+    that passes its own ``argv`` (tests, scripts) leaves that start to Prefect's first flow. As a program
+    the process ends without the interpreter's teardown (`_QuickExit`)."""
+    if argv is not None:
+        return _main(argv, early_server)
+    quick = _QuickExit()
+    try:
+        code = _main(None, early_server)
+    except SystemExit as exc:  # argparse's usage errors and --help
+        quick.finish(exc.code)
+        raise
+    quick.finish(code)
+    return code
+
+
+def _main(argv: list[str] | None, early_server: bool | None) -> int:
     _prefect_env()
     parser = argparse.ArgumentParser(prog="sparsegpt", description="SparseGPT pruning of Hugging Face causal LMs")
     sub = parser.add_subparsers(dest="command", required=True)
