@@ -6,7 +6,7 @@ here). Steps, each timed, each stage's `torch.cuda.max_memory_allocated` printed
 1. writes the checkpoint (`--shape`, first `--blocks` blocks; benchmarks/scale_ckpt.py, bf16 shards)
    with the tokenizer files of `--tokenizer` (default: the embedded SmolLM2's folder);
 2. `run_pipeline` (the one-shot stages the flow runs) with `--device`, `--dtype auto` (bf16 on a GPU)
-   and `--sparsity`/`--nm`/`--method` on `--nsamples` x `--seqlen` pydoc windows: wall time per step
+   and `--sparsity`/`--nm`/`--method`/`--sequential` on `--nsamples` x `--seqlen` pydoc windows: wall time per step
    (prepare, calibrate, capture, prune, assemble), seconds a block;
 3. the pruned model's perplexity block by block on `--eval-windows` pydoc windows in the GPU's bf16,
    the GPU's fp32 and the CPU's fp32 (the ratios show the half-precision path against fp32; the
@@ -63,6 +63,8 @@ def prune(args: argparse.Namespace, ckpt: Path, run_dir: Path) -> dict:
     )  # fmt: skip
     if args.nm:
         options["nm"] = args.nm
+    if args.sequential:
+        options["sequential"] = True
     cfg = PruneConfig.of(**options)
     timings: dict[str, float] = {}
     _reset(args.device)
@@ -111,6 +113,7 @@ def main() -> int:
     p.add_argument("--sparsity", type=float, default=0.5)
     p.add_argument("--nm", default=None, help="e.g. 2:4")
     p.add_argument("--method", default="sparsegpt")
+    p.add_argument("--sequential", action="store_true", help="prune in sequential mode (one forward a block)")
     p.add_argument("--nsamples", type=int, default=32)
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--eval-windows", type=int, default=8)
