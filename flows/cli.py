@@ -57,14 +57,12 @@ def _terminate_like_interrupt() -> None:
 
 
 class _QuickExit:
-    """End a program's process as soon as its exit handlers have run, without the interpreter's teardown.
+    """End a program's process as soon as its exit handlers have run, without the interpreter's teardown
+    (`stages.run.exit.exit_now`: results are written, closed and renamed into place before the flow returns).
 
-    Python then frees every object of torch, transformers and Prefect one by one: 1.4 s after a SmolLM2
-    prune here, 0.8 s for the imports alone, with nothing left to save (results are written, closed and
-    renamed into place before the flow returns). Registered first, so it runs last: after Prefect's
-    handlers and the temporary server's stop, and after the non-daemon threads were joined; it shuts
-    logging down (registered before it) and flushes the standard streams itself. Not under coverage,
-    whose data is saved by an exit handler registered before this one.
+    Registered first, so it runs last: after Prefect's handlers and the temporary server's stop, and after
+    the non-daemon threads were joined; it shuts logging down (registered before it) and flushes the
+    standard streams itself. Not under coverage, whose data is saved by an exit handler registered before.
     """
 
     def __init__(self) -> None:
@@ -76,15 +74,9 @@ class _QuickExit:
         self.code = 0 if code is None else code if isinstance(code, int) else 1
 
     def _exit(self) -> None:
-        if "coverage" in sys.modules:
-            return
-        logging.shutdown()
-        for stream in (sys.stdout, sys.stderr):
-            try:
-                stream.flush()
-            except (OSError, ValueError, AttributeError):  # closed or replaced streams: nothing to flush
-                pass
-        os._exit(self.code)
+        from stages.run.exit import exit_now
+
+        exit_now(self.code)
 
 
 def _add_prune(sub: argparse._SubParsersAction) -> None:

@@ -52,7 +52,7 @@ from stages.finetune.train import Trainer, build_trainer, load_state_dict, state
 from stages.model.models import load_tokenizer
 from stages.model.sharded import load_sharded, save_sharded
 from stages.run.memory import map_large_allocations
-from stages.run.ranks import RankFailed, join_group, spawn_ranks
+from stages.run.ranks import RankFailed, end_rank, join_group, spawn_ranks
 from stages.run.rundir import RunError, verify_record, write_record
 
 
@@ -143,6 +143,7 @@ def rank_main(rank: int, world: int, port: int, job: Job, progress: Any) -> None
         _train(job, rank, world, device, progress, start)
     finally:
         dist.destroy_process_group()
+    end_rank()
 
 
 def _train(job: Job, rank: int, world: int, device: str, progress: Any, start: int) -> None:

@@ -43,7 +43,7 @@ from stages.prune.oneshot import save_block_files
 from stages.prune.pruning import LayerStats, SharedFactor, collect_hessians, prune_layer
 from stages.prune.streams import SAMPLES_PER_SHARD, Run, ensure_acts, load_kwargs
 from stages.run.memory import release_grown_memory
-from stages.run.ranks import TIMEOUT, RankFailed, join_group, rank_device, spawn_ranks
+from stages.run.ranks import TIMEOUT, RankFailed, end_rank, join_group, rank_device, spawn_ranks
 from stages.run.rundir import RunError, bytes_hashed, prune_old, verify_record, write_record
 from stages.run.shards import ShardSet, ShardWriter, discard, read_shards, write_manifest
 from stages.run.timing import timed
@@ -201,6 +201,7 @@ def rank_main(rank: int, world: int, port: int, cfg: PruneConfig, run: Run, spar
         _blocks(cfg, run, sparsities, device, None)
     finally:
         dist.destroy_process_group()
+    end_rank()
 
 
 def launched() -> bool:
