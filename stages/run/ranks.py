@@ -66,8 +66,8 @@ def join_group(rank: int, world: int, port: int, device: str) -> str:
 
 def end_rank() -> None:
     """End a spawned rank whose work is done and whose process group is destroyed: status 0, without the
-    interpreter's teardown, in which torch's gloo teardown aborted the process now and then (SIGABRT: 2
-    of 8 runs of tests/stages/finetune/test_sharded.py's two-rank test, 3 architectures each, on a 2-core
+    interpreter's teardown, in which torch's gloo teardown aborted the process now and then (SIGABRT: 3
+    of 9 runs of tests/stages/finetune/test_sharded.py's two-rank test, 3 architectures each, on a 2-core
     CPU), failing a run whose results were written. A rank that raises exits the usual way."""
     from stages.run.exit import exit_now
 
