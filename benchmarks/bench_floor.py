@@ -134,7 +134,7 @@ def bare(fn: Callable[[], object], repeat: int = 5) -> float:
 def block_floor(model_dir: Path, nsamples: int, seqlen: int, batch: int, blocksize: int) -> dict[str, float]:
     """Floor seconds of one block (block 0's shapes): forward pass (all layers), forward without the last
     layer, hessian, solve."""
-    from sparsegpt.hessian import _invert_lower_, _symmetric_parts
+    from sparsegpt.hessian import _invert_lower_, symmetric_edges
     from stages.model.blocks import find_layers, get_weight, load_block
     from stages.model.models import load_config
     from stages.prune.pruning import HessianCollector
@@ -169,9 +169,8 @@ def block_floor(model_dir: Path, nsamples: int, seqlen: int, batch: int, blocksi
 
     def upper_blocks(n: str) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """XᵀX's diagonal and upper column blocks as `accumulate_hessian` splits them, each into its buffer."""
-        cols = x[n].shape[1]
-        parts = _symmetric_parts(cols)
-        edges = [cols * k // parts for k in range(parts + 1)]
+        edges = symmetric_edges(x[n].shape[1])
+        parts = len(edges) - 1
         cuts = [x[n][:, edges[a] : edges[a + 1]] for a in range(parts)]
         return [
             (cuts[a].T, cuts[b], torch.empty(cuts[a].shape[1], cuts[b].shape[1]))

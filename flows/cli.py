@@ -25,6 +25,7 @@ from pathlib import Path
 from flows.options import add_options, build, command_config
 from flows.server import EarlyServer as _EarlyServer
 from stages.config.parts import EXPORT_FORMATS, GGUF_TYPES
+from stages.run.exit import exit_now
 
 T0 = time.perf_counter()
 
@@ -74,8 +75,6 @@ class _QuickExit:
         self.code = 0 if code is None else code if isinstance(code, int) else 1
 
     def _exit(self) -> None:
-        from stages.run.exit import exit_now
-
         exit_now(self.code)
 
 

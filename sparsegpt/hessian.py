@@ -44,8 +44,8 @@ def accumulate_hessian(H: torch.Tensor | None, x: torch.Tensor, n: int) -> tuple
     # H is symmetric: compute the diagonal and upper blocks with GEMMs, mirror the rest. A GEMM's
     # xᵀx is not bit-symmetric on every CPU kernel (AVX2 MKL tiles (i, j) and (j, i) differently),
     # so each diagonal block keeps its upper triangle and mirrors it: H is exactly symmetric everywhere.
-    parts = _symmetric_parts(cols)
-    edges = [cols * k // parts for k in range(parts + 1)]
+    edges = symmetric_edges(cols)
+    parts = len(edges) - 1
     for a in range(parts):
         ra = slice(edges[a], edges[a + 1])
         for b in range(a, parts):
@@ -70,6 +70,13 @@ def accumulate_diagonal(d: torch.Tensor | None, x: torch.Tensor, n: int) -> tupl
     n_new = n + batch
     d.mul_(n / n_new).add_(x.square().sum(dim=0), alpha=2.0 / n_new)
     return d, n_new
+
+
+def symmetric_edges(cols: int) -> list[int]:
+    """The column blocks' edges of the symmetric update (`accumulate_hessian`): block ``a`` is
+    ``edges[a]:edges[a + 1]``."""
+    parts = _symmetric_parts(cols)
+    return [cols * k // parts for k in range(parts + 1)]
 
 
 def _symmetric_parts(cols: int) -> int:

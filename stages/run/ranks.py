@@ -18,6 +18,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from stages.run.exit import exit_now
+
 TIMEOUT = timedelta(hours=2)
 """How long a rank waits in a collective for the others (rank 0's calibration and capture under torchrun, a
 boundary rebuilt after a crash); a rank that dies is noticed at once, not after this."""
@@ -69,8 +71,6 @@ def end_rank() -> None:
     interpreter's teardown, in which torch's gloo teardown aborted the process now and then (SIGABRT: 3
     of 9 runs of tests/stages/finetune/test_sharded.py's two-rank test, 3 architectures each, on a 2-core
     CPU), failing a run whose results were written. A rank that raises exits the usual way."""
-    from stages.run.exit import exit_now
-
     exit_now(0)
 
 
