@@ -225,17 +225,18 @@ def test_solved_error_is_the_reconstruction_error(kwargs):
     assert solved_error(W.bfloat16(), half, H) == reconstruction_error(W.bfloat16(), half.weight, H)
 
 
+@pytest.mark.device
 @pytest.mark.parametrize("ties", [False, True])
-def test_lowest_k_selects_exactly_the_k_lowest(ties):
+def test_lowest_k_selects_exactly_the_k_lowest(device, ties):
     """Against a stable sort: exactly k entries, none above any unselected one; distinct scores give the very
-    set of `topk`; ties at the k-th value go to the first in index order."""
+    set of `topk`; ties at the k-th value go to the first in index order (on a GPU: its sort path)."""
     from sparsegpt.masks import lowest_k
 
     g = torch.Generator().manual_seed(0)
     scores = torch.randint(0, 5, (6, 8), generator=g).float() if ties else torch.rand(6, 8, generator=g)
     flat = scores.flatten()
     for k in range(flat.numel() + 1):
-        mask = lowest_k(scores, k).flatten()
+        mask = lowest_k(scores.to(device), k).flatten().cpu()
         ref = torch.zeros_like(mask)
         ref[torch.sort(flat, stable=True).indices[:k]] = True
         assert int(mask.sum()) == k
@@ -243,6 +244,17 @@ def test_lowest_k_selects_exactly_the_k_lowest(ties):
         if not ties and 0 < k:
             topk = torch.topk(flat, k, largest=False).indices.sort().values
             assert torch.equal(mask.nonzero().flatten(), topk)
+
+
+def test_the_gpu_selection_is_the_cpu_selection():
+    """`lowest_k`'s sort path (GPUs) and its bucketed `kth_smallest` path (CPUs), run here on the same block of
+    a (256, 128) solve with many ties."""
+    from sparsegpt.masks import _lowest_k_sorted, lowest_k
+
+    g = torch.Generator().manual_seed(2)
+    scores = torch.randint(0, 300, (256, 128), generator=g).float().square() / 7
+    for k in (1, 4096, 16384, 16385, 32767):
+        assert torch.equal(_lowest_k_sorted(scores.flatten(), k).reshape(scores.shape), lowest_k(scores, k)), k
 
 
 @pytest.mark.parametrize("kind", ["squares", "ties", "inf and zeros", "negative", "nan"])
@@ -266,6 +278,15 @@ def test_kth_smallest_is_the_sorted_kth_entry(kind):
         assert got.dtype == want.dtype and (torch.equal(got, want) or (got.isnan() and want.isnan())), (k, got, want)
         if kind != "nan":
             assert torch.equal(got, torch.sort(flat).values[k - 1]), k
+
+
+def test_the_triton_kernel_without_triton_says_how_to_get_it(monkeypatch):
+    import sparsegpt.solver as solver
+
+    monkeypatch.setattr(solver, "triton_missing", lambda: "kernel 'triton' needs the triton package (x)")
+    W, H, _ = layer(8, 16)
+    with pytest.raises(ValueError, match="needs the triton package"):
+        sparsegpt_prune(W, H, 0.5, kernel="triton")
 
 
 @pytest.mark.device
