@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from sparsegpt.hessian import hessian_inverse, output_energy, reconstruction_error
+from sparsegpt.kernel import column_loop, triton_missing
 from sparsegpt.masks import check_prior_mask, lowest_k, target_count
 from sparsegpt.quant import QuantGrid, quant_grid, quantize
 from sparsegpt.spec import QuantSpec, check_nm, check_sparsity
@@ -60,6 +61,7 @@ def sparsegpt_prune(
     damp_retries: int = 0,
     subblock: int = 16,
     factor: tuple[torch.Tensor, torch.Tensor, float] | None = None,
+    kernel: str = "torch",
 ) -> PruneResult:
     """Prune ``W`` ``(rows, cols)`` with SparseGPT against ``H`` ``(cols, cols)``.
 
@@ -69,6 +71,8 @@ def sparsegpt_prune(
     allows that many tenfold increases of ``percdamp`` when the Hessian is singular.
     ``factor`` is `hessian_inverse` ``(H, percdamp, damp_retries=...)``'s result when the caller already
     has it (layers that share ``H`` factor it once); ``H`` is then only checked for its shape.
+    ``kernel`` runs each block's column loop as torch calls ("torch") or as one Triton kernel ("triton",
+    `sparsegpt.kernel`: a GPU's fast path, equal to float32 rounding; no joint quantization).
     Runs on ``W``'s device in fp32; ``H`` is not modified.
     """
     rows, cols = W.shape
@@ -80,6 +84,13 @@ def sparsegpt_prune(
         raise ValueError(f"H must be ({cols}, {cols}) for a weight with {cols} input columns, got {tuple(H.shape)}")
     target = rows * cols * prune_n // prune_m if prune_m else target_count(rows * cols, sparsity)
     check_prior_mask(prior_mask, W.shape, target)
+    if kernel not in ("torch", "triton"):
+        raise ValueError(f"kernel must be 'torch' or 'triton', got {kernel!r}")
+    if kernel == "triton":
+        if quant is not None:
+            raise ValueError("kernel 'triton' does not do joint quantization; use kernel 'torch' with quant")
+        if missing := triton_missing():
+            raise ValueError(missing)
 
     out_dtype = W.dtype
     W = W.detach().to(torch.float32, copy=True)  # (rows, cols)
@@ -109,7 +120,10 @@ def sparsegpt_prune(
             space.mask1.zero_()
         else:
             space.mask1.copy_(_select_unstructured(space.W1, space.Hinv1, prior1, quota[b]))
-        _solve_block(space, prior1, prune_n, prune_m, grid, i1)
+        if kernel == "triton":
+            column_loop(space.W1, space.Err1, space.mask1, space.Hinv1, prior1, prune_n, prune_m)
+        else:
+            _solve_block(space, prior1, prune_n, prune_m, grid, i1)
         W[:, i1:i2] = space.W1
         mask[:, i1:i2] = space.mask1
         loss += torch.sum(space.Err1 * space.Err1) / 2

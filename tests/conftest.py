@@ -39,6 +39,10 @@ os.environ["SPARSEGPT_CALIB_CACHE"] = tempfile.mkdtemp(prefix="sparsegpt-calib-c
 
 
 DEVICE = os.environ.get("SPARSEGPT_TEST_DEVICE", "cpu")
+if DEVICE == "cpu":
+    # The Triton column loop (sparsegpt.kernel) runs in Triton's interpreter on a CPU; it must be chosen
+    # before triton's first import.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture
