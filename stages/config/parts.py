@@ -26,6 +26,8 @@ EXPORT_FORMATS = ("hf", "compressed-tensors", "gguf")
 GGUF_TYPES = ("f16", "q8_0", "q4_0")
 GgufType = Literal["f16", "q8_0", "q4_0"]
 TARGETS = ("dense-stream", "dense-block")
+Kernel = Literal["torch", "triton"]
+KERNELS = ("torch", "triton")
 
 
 def parse_nm(text: str | None) -> tuple[int, int]:
@@ -100,6 +102,10 @@ class SolverConfig:
     sequential: bool = False
     """Solve a block's layers in forward order, each against its inputs from the pruned layers before it,
     in one forward pass per block (the default: every layer against the dense block's inputs, two passes)."""
+    kernel: Kernel = opt("torch", identity=False)
+    """The solve's column loop: torch (any device) or triton (one fused kernel per block of columns, CUDA
+    with the triton package; equal to float32 rounding, so N:M choices move only at near ties; no --wbits).
+    Not part of a run's identity: a run may resume with the other one."""
     keep_pruned: bool = False
     """Weights that are exactly zero stay pruned and count toward the target (the mask only grows):
     how a progressive round prunes the previous round's model. sparsegpt only, without OWL."""
@@ -116,6 +122,10 @@ class SolverConfig:
             QuantSpec(self.wbits)
             if self.method != "sparsegpt":
                 raise ValueError("--wbits (joint quantization) works with --method sparsegpt only")
+        if self.kernel not in KERNELS:
+            raise ValueError(f"kernel must be one of {', '.join(KERNELS)}, got {self.kernel!r}")
+        if self.kernel == "triton" and (self.method != "sparsegpt" or self.wbits != 16):
+            raise ValueError("--kernel triton runs the SparseGPT solve without --wbits; use --kernel torch")
         if self.keep_pruned and (self.method != "sparsegpt" or self.owl):
             raise ValueError("keep_pruned (a mask that only grows) works with method sparsegpt without OWL only")
         if self.percdamp < 0 or self.damp_retries < 0:

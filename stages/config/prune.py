@@ -32,6 +32,8 @@ class PruneConfig(Tree):
     def __post_init__(self) -> None:
         if self.reconstruct.enabled and self.solver.wbits != 16:
             raise ValueError("--reconstruct trains the weights off --wbits' quantization grid; drop one of the two")
+        if self.solver.kernel == "triton" and not self.runtime.device.startswith("cuda"):
+            raise ValueError("--kernel triton runs on a GPU: add --device cuda, or use --kernel torch")
 
     @property
     def eval_seqlen(self) -> int:

@@ -8,8 +8,9 @@ are the CLI's options (`--eval-seqlen`), the keys of an older, flat `run.json`, 
 `from_flat` builds a tree from. A field's help is its attribute docstring.
 
 A run's identity is the tree without its `EvalConfig` and `RuntimeConfig` parts (and
-without `run_dir`, the place it lives): they may change between a run and its
-resumption; every other leaf may not.
+without `run_dir`, the place it lives, and the leaves marked ``identity=False``, such as
+the solver's kernel): they may change between a run and its resumption; every other
+leaf may not.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ NOT_IDENTITY_FIELDS = ("run_dir",)
 
 def opt(default: Any, **metadata: Any) -> Any:
     """A leaf with metadata: ``flat`` (its flat name), ``flag`` (CLI flag if not --flat-name),
-    ``sep`` (one CLI value split on this separator), ``append`` (a repeatable CLI option)."""
+    ``sep`` (one CLI value split on this separator), ``append`` (a repeatable CLI option), ``identity``
+    (False: how a part runs, not what it computes; left out of the run's identity like a runtime part)."""
     return field(default=default, metadata=metadata)
 
 
@@ -163,7 +165,18 @@ def identity(cfg: Any) -> dict[str, Any]:
         value = getattr(cfg, f.name)
         if isinstance(value, (EvalConfig, RuntimeConfig)) or f.name in NOT_IDENTITY_FIELDS:
             continue
-        out[f.name] = asdict(value) if is_dataclass(value) else value
+        out[f.name] = _identity_dict(value) if is_dataclass(value) else value
+    return out
+
+
+def _identity_dict(part_value: Any) -> dict[str, Any]:
+    """``asdict(part_value)`` without its leaves marked ``identity=False`` (at any depth)."""
+    out: dict[str, Any] = {}
+    for f in fields(part_value):
+        if f.metadata.get("identity", True) is False:
+            continue
+        value = getattr(part_value, f.name)
+        out[f.name] = _identity_dict(value) if is_dataclass(value) else value
     return out
 
 

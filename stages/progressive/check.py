@@ -8,7 +8,7 @@ from pathlib import Path
 
 from stages.model.checkpoint import check_model, parameter_count
 from stages.progressive.config import ProgressiveConfig
-from stages.prune.check import check_nm_fits, check_nm_hidden, check_ranks
+from stages.prune.check import check_kernel, check_nm_fits, check_nm_hidden, check_ranks
 from stages.run.identity import check_run
 from stages.run.memory import device_bytes
 
@@ -27,6 +27,7 @@ def check(cfg: ProgressiveConfig) -> Path:
     if cfg.finetunes:
         check_distill_fits(cfg, model_dir)
     check_ranks(cfg.prune_config(1))  # --nproc: the rounds' prunes run on data-parallel ranks
+    check_kernel(cfg.prune_config(1))
     if cfg.finetunes and cfg.runtime.nproc > 1:  # ... and their fine-tunes on FSDP ranks
         from stages.finetune.sharded import check_sharded
 

@@ -27,7 +27,7 @@ from stages.config import (
 from stages.config.tree import Tree, opt, part
 from stages.finetune.config import FinetuneConfig, FinetuneRuntime, check_autocast
 
-SOLVER_OPTIONS = ("blocksize", "percdamp", "damp_retries", "sequential")
+SOLVER_OPTIONS = ("blocksize", "percdamp", "damp_retries", "sequential", "kernel")
 """The solver leaves a progressive run exposes: every round prunes with SparseGPT, keeping earlier zeros."""
 FINETUNE_OPTIONS = (
     "dataset",

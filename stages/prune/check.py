@@ -51,6 +51,7 @@ def check(cfg: PruneConfig) -> tuple[Path, Skeleton, torch.dtype]:
     check_teacher(cfg, config)
     check_sequential_fits(cfg, config, dtype)
     check_ranks(cfg)
+    check_kernel(cfg)
     if cfg.runtime.export == "compressed-tensors" and cfg.solver.quant is None:
         raise ValueError("--export compressed-tensors packs quantized weights: add --wbits 4 (or 8), or --export hf")
     # the first import of torch and transformers' modeling code: the model built on the meta device
@@ -119,6 +120,15 @@ def disk_needed(cfg: PruneConfig, model_dir: Path, config: Mapping[str, Any], dt
     if cfg.reconstruct.enabled:  # the dense stream as many more, or one boundary of dense-block targets
         boundaries += boundaries if cfg.reconstruct.target == "dense-stream" else 1
     return weights + boundaries * boundary
+
+
+def check_kernel(cfg: PruneConfig) -> None:
+    """Refuse ``--kernel triton`` where the triton package is missing (the config itself refuses it off a GPU)."""
+    if cfg.solver.kernel == "triton":
+        from sparsegpt.kernel import triton_missing
+
+        if missing := triton_missing():
+            raise ValueError(missing)
 
 
 def check_free_disk(cfg: PruneConfig, model_dir: Path, config: Mapping[str, Any], dtype: str) -> None:

@@ -205,6 +205,7 @@ def solve_layer(
         damp_retries=cfg.damp_retries,
         prior_mask=(W == 0) if cfg.keep_pruned else None,
         factor=factors(H, W, cfg, name) if factors is not None else None,
+        kernel=cfg.kernel,
     )
 
 

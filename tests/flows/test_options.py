@@ -117,6 +117,7 @@ def test_identity_leaves_out_eval_and_runtime_and_reads_older_flat_run_json():
     cfg = PruneConfig.of(model="m", run_dir="r", nsamples=6, seqlen=32, nm="2:4", owl_threshold=6.0)
     assert cfg.identity() == cfg.updated(run_dir="x", eval=("pydoc",), device="cuda", batch_size=1).identity()
     assert cfg.identity() != cfg.updated(seed=1).identity()
+    assert cfg.identity() == cfg.updated(kernel="triton", device="cuda").identity()  # how, not what
     # run.json's config as the code before the tree wrote it (flat keys, no keep_pruned):
     old = {
         "model": "m",

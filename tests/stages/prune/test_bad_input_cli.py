@@ -39,6 +39,8 @@ from tests.stages.prune.test_bad_input import tiny_cfg
         (["--reconstruct", "--reconstruct-epochs", "0"], r"reconstruct_epochs must be a positive integer, got 0"),
         (["--reconstruct-lr=-1e-4"], r"reconstruct_lr must be a positive learning rate \(e\.g\. 1e-4\), got -"),
         (["--reconstruct", "--wbits", "4"], r"--reconstruct trains the weights off --wbits' quantization grid"),
+        (["--kernel", "triton"], r"--kernel triton runs on a GPU: add --device cuda, or use --kernel torch"),
+        (["--kernel", "triton", "--wbits", "4"], r"--kernel triton runs the SparseGPT solve without --wbits"),
     ],
     ids=[
         "sparsity-1",
@@ -55,6 +57,8 @@ from tests.stages.prune.test_bad_input import tiny_cfg
         "reconstruct-epochs-0",
         "reconstruct-lr-negative",
         "reconstruct-wbits",
+        "kernel-on-cpu",
+        "kernel-wbits",
     ],
 )
 def test_cli_rejects_bad_options_in_one_line(tiny_llama_dir, tmp_path, capsys, options, expected) -> None:

@@ -61,6 +61,35 @@ def test_batched_forward_agrees_with_reference(tiny_model_dir, tmp_path, device)
     assert flips / total < 1e-3
 
 
+@pytest.mark.device
+@pytest.mark.parametrize("nm,sequential", [(None, False), ("2:4", False), ("2:4", True)])
+def test_the_triton_kernel_through_the_pipeline(tiny_llama_dir, tmp_path, device, nm, sequential):
+    """`--kernel triton` (a GPU's): the run's masks are the `--kernel torch` run's and (default mode) the
+    in-memory reference's but for near ties, and its weights theirs to float32 rounding where no mask moved."""
+    if not device.startswith("cuda"):
+        pytest.skip("--kernel triton runs on a GPU; its CPU tests (Triton's interpreter): tests/sparsegpt")
+    pytest.importorskip("triton")
+    kw = dict(nm=nm, sequential=sequential, device=device, dtype="float32")
+    cfg = tiny_cfg(tiny_llama_dir, tmp_path / "triton", kernel="triton", **kw)
+    fused = run_pipeline(cfg)
+    plain = run_pipeline(tiny_cfg(tiny_llama_dir, tmp_path / "torch", **kw))
+    ours = AutoModelForCausalLM.from_pretrained(fused.model, dtype=torch.float32).state_dict()
+    others = [AutoModelForCausalLM.from_pretrained(plain.model, dtype=torch.float32).state_dict()]
+    if not sequential:
+        ids = torch.from_numpy(read_tokens(fused.tokens).astype(np.int64))
+        n, m = cfg.solver.prune_nm
+        others.append(
+            reference_prune(tiny_llama_dir, ids, cfg.solver.sparsity, n, m, cfg.solver.blocksize).state_dict()
+        )
+    for other in others:
+        keys = [k for k in other if k.endswith("proj.weight")]
+        moved = {k: int(((other[k] == 0) != (ours[k] == 0)).sum()) for k in keys}
+        assert sum(moved.values()) / sum(other[k].numel() for k in keys) < 1e-3
+        for k in keys:
+            if not moved[k]:
+                torch.testing.assert_close(ours[k], other[k], rtol=1e-3, atol=1e-4)
+
+
 def test_output_is_a_loadable_sparse_checkpoint(tiny_model_dir, tmp_path):
     cfg = tiny_cfg(tiny_model_dir, tmp_path / "run", sparsity=0.6)
     run = run_pipeline(cfg)
