@@ -11,6 +11,12 @@ them: the column loop's.
     python benchmarks/bench_solver.py                 # all shapes, CPU
     python benchmarks/bench_solver.py --small         # only the embedded model's shapes
     python benchmarks/bench_solver.py --device cuda --dtype float16
+    python benchmarks/bench_solver.py --device cuda --solve-only --kernels torch,triton [--nm 2:4]
+
+``--kernels torch,triton`` also times the solve with the Triton column loop (`sparsegpt.kernel`) and
+prints its speed-up over the torch loop and how far its result is from the torch loop's (masks that
+differ, largest weight difference relative to the weights' largest); ``--block-rows`` times the kernel
+alone on one block of each shape's widths for tile heights 4..32 (the kernel's default: 16, N:M 8).
 """
 
 from __future__ import annotations
@@ -104,15 +110,52 @@ def realistic_hessian(cols: int, device: torch.device) -> torch.Tensor:
 def bench_solve(rows: int, cols: int, args, device: torch.device) -> None:
     W = (torch.randn(rows, cols) / cols**0.5).to(device=device, dtype=getattr(torch, args.dtype))
     H = realistic_hessian(cols, device)
+    n, m = (int(v) for v in args.nm.split(":")) if args.nm else (0, 0)
     flops = rows * cols * (cols + args.blocksize) + cols**3  # lazy updates + in-block updates + Cholesky
-    ours = timed(lambda: sparsegpt_prune(W, H, 0.5, blocksize=args.blocksize), device, args.repeats)
-    ref = timed(lambda: paper_algorithm_1(W, H, 0.5, blocksize=args.blocksize), device, args.repeats)
+
+    def solve(kernel: str):
+        return sparsegpt_prune(W, H, 0.5, prune_n=n, prune_m=m, blocksize=args.blocksize, kernel=kernel)
+
+    ours = timed(lambda: solve("torch"), device, args.repeats)
+    ref = timed(lambda: paper_algorithm_1(W, H, 0.5, args.blocksize, prunen=n, prunem=m), device, args.repeats)
     products = timed(lambda: solve_products(W, H, args.blocksize), device, args.repeats)
     print(
-        f"solve   {rows:>6}x{cols:<6} ours {ours:8.3f} s {flops / ours / 1e9:8.1f} GFLOP/s | "
+        f"solve   {rows:>6}x{cols:<6} {args.nm or '50%'} ours {ours:8.3f} s {flops / ours / 1e9:8.1f} GFLOP/s | "
         f"Algorithm 1 {ref:8.3f} s {flops / ref / 1e9:8.1f} GFLOP/s | speed-up {ref / ours:5.2f}x | "
         f"its products {products:8.3f} s, the column loop {100 * max(0.0, 1 - products / ours):4.1f}% of ours"
     )
+    if "triton" in args.kernels:
+        fused = timed(lambda: solve("triton"), device, args.repeats)
+        a, b = solve("torch"), solve("triton")
+        moved = int((a.mask != b.mask).sum())
+        diff = float((a.weight - b.weight).abs().max() / a.weight.abs().max())
+        print(
+            f"  triton column loop {fused:8.3f} s {flops / fused / 1e9:8.1f} GFLOP/s | {ours / fused:5.2f}x the torch "
+            f"loop, {ref / fused:5.2f}x Algorithm 1 | the solve beyond its products "
+            f"{100 * max(0.0, 1 - products / fused):4.1f}% | masks differ at {moved} of {a.mask.numel()}, "
+            f"largest weight difference {diff:.1e} of the largest weight, OBS loss {b.loss / a.loss:.6f}x"
+        )
+
+
+def bench_block_rows(rows: int, count: int, args, device: torch.device) -> None:
+    """The kernel alone on one block ``(rows, count)`` for each tile height."""
+    from sparsegpt.kernel import column_loop
+
+    n, m = (int(v) for v in args.nm.split(":")) if args.nm else (0, 0)
+    Hinv1 = torch.linalg.cholesky(realistic_hessian(count, device).inverse(), upper=True)  # (count, count)
+    W0 = torch.randn(rows, count, device=device)
+    mask0 = torch.rand(rows, count, device=device) < 0.5 if not m else torch.zeros(rows, count, dtype=torch.bool)
+    W1, Err1, mask1 = torch.empty_like(W0), torch.empty_like(W0), torch.empty_like(mask0, device=device)
+    line = []
+    for br in (4, 8, 16, 32):
+
+        def run(br: int = br) -> None:
+            W1.copy_(W0)
+            mask1.copy_(mask0)
+            column_loop(W1, Err1, mask1, Hinv1, None, n, m, block_rows=br)
+
+        line.append(f"{br}: {1e3 * timed(run, device, args.repeats):7.3f} ms")
+    print(f"kernel  {rows:>6}x{count:<4} {args.nm or 'unstructured'} block rows " + " | ".join(line))
 
 
 def solve_products(W: torch.Tensor, H: torch.Tensor, blocksize: int, subblock: int = 16) -> None:
@@ -174,6 +217,10 @@ def main() -> None:
         help="calibration samples of 2048 tokens (default 128 on GPU, 8 on CPU)",
     )
     p.add_argument("--matmul-size", type=int, default=None)
+    p.add_argument("--nm", default=None, help="N:M pattern of the solves (e.g. 2:4; default 50%% unstructured)")
+    p.add_argument("--kernels", default="torch", help="torch or torch,triton (the Triton column loop too)")
+    p.add_argument("--block-rows", action="store_true", help="time the Triton kernel's tile heights")
+    p.add_argument("--solve-only", action="store_true", help="skip the matmul and Hessian lines")
     args = p.parse_args()
     device = torch.device(args.device)
     args.hessian_samples = args.hessian_samples or (128 if device.type == "cuda" else 8)
@@ -181,12 +228,16 @@ def main() -> None:
     torch.manual_seed(0)
     where = torch.cuda.get_device_name() if device.type == "cuda" else f"{torch.get_num_threads()} threads"
     print(f"device {device} ({where}), torch {torch.__version__}, weights {args.dtype}, Hessian fp32")
-    matmul = bench_matmul(args, device)
     shapes = SMOLLM2 if args.small else SMOLLM2 + LLAMA_7B
-    for cols in sorted({c for _, c in shapes}):
-        bench_hessian(cols, args, device, matmul)
+    if not args.solve_only:
+        matmul = bench_matmul(args, device)
+        for cols in sorted({c for _, c in shapes}):
+            bench_hessian(cols, args, device, matmul)
     for rows, cols in shapes:
         bench_solve(rows, cols, args, device)
+    if args.block_rows:
+        for rows in sorted({r for r, _ in shapes}):
+            bench_block_rows(rows, args.blocksize, args, device)
 
 
 if __name__ == "__main__":

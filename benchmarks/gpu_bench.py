@@ -7,10 +7,11 @@ here). Steps, each timed, each stage's `torch.cuda.max_memory_allocated` printed
    with the tokenizer files of `--tokenizer` (default: the embedded SmolLM2's folder);
 2. `run_pipeline` (the one-shot stages the flow runs) with `--device`, `--dtype auto` (bf16 on a GPU)
    and `--sparsity`/`--nm`/`--method`/`--sequential` on `--nsamples` x `--seqlen` pydoc windows: wall time per step
-   (prepare, calibrate, capture, prune, assemble), seconds a block;
+   (prepare, calibrate, capture, prune, assemble), seconds a block and the layer solves' seconds a block
+   (`--kernel`: the solve's column loop, torch or triton);
 3. the pruned model's perplexity block by block on `--eval-windows` pydoc windows in the GPU's bf16,
    the GPU's fp32 and the CPU's fp32 (the ratios show the half-precision path against fp32; the
-   weights are random, so the perplexities themselves mean nothing).
+   weights are random, so the perplexities themselves mean nothing); `--eval-windows 0` skips it.
 Prints one table and writes it as JSON to `--out` if given.
 
     python benchmarks/gpu_bench.py --shape smollm2-1.7b --blocks 8 --work /tmp/gpu-work --device cuda
@@ -60,6 +61,7 @@ def prune(args: argparse.Namespace, ckpt: Path, run_dir: Path) -> dict:
     options = dict(
         model=str(ckpt), run_dir=str(run_dir), calib="pydoc", nsamples=args.nsamples, seqlen=args.seqlen,
         sparsity=args.sparsity, method=args.method, device=args.device, dtype="auto", progress=False,
+        kernel=args.kernel,
     )  # fmt: skip
     if args.nm:
         options["nm"] = args.nm
@@ -77,6 +79,10 @@ def prune(args: argparse.Namespace, ckpt: Path, run_dir: Path) -> dict:
         "wall_s": round(wall, 1),
         "steps_s": {k: round(v, 1) for k, v in timings.items()},
         "s_per_block": round(timings.get("prune", wall) / max(blocks, 1), 2),
+        "solve_s_per_block": round(
+            sum(sum(r["seconds"] for r in rec["layers"].values()) for rec in records) / max(blocks, 1), 3
+        ),
+        "kernel": args.kernel,
         "gpu_peak_gib": _peak(args.device),
         "dtype": str(run.dtype).removeprefix("torch."),
         "model": str(run.model),
@@ -114,9 +120,10 @@ def main() -> int:
     p.add_argument("--nm", default=None, help="e.g. 2:4")
     p.add_argument("--method", default="sparsegpt")
     p.add_argument("--sequential", action="store_true", help="prune in sequential mode (one forward a block)")
+    p.add_argument("--kernel", default="torch", choices=("torch", "triton"), help="the solve's column loop")
     p.add_argument("--nsamples", type=int, default=32)
     p.add_argument("--seqlen", type=int, default=512)
-    p.add_argument("--eval-windows", type=int, default=8)
+    p.add_argument("--eval-windows", type=int, default=8, help="0: no perplexity step")
     p.add_argument("--out", type=Path, default=None, help="write the figures as JSON here")
     args = p.parse_args()
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -135,7 +142,8 @@ def main() -> int:
     }
     shutil.rmtree(run_dir, ignore_errors=True)
     figures["prune"] = prune(args, ckpt, run_dir)
-    figures["perplexity"] = perplexities(args, Path(figures["prune"]["model"]))
+    if args.eval_windows > 0:
+        figures["perplexity"] = perplexities(args, Path(figures["prune"]["model"]))
     print(json.dumps(figures, indent=2))
     if args.out is not None:
         args.out.write_text(json.dumps(figures, indent=2) + "\n")

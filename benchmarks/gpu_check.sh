@@ -3,6 +3,7 @@
 #
 #   bash benchmarks/gpu_check.sh prepare   # here, in the project's environment, with PyPI: fills .whl/ (git ignores it)
 #   bash benchmarks/gpu_check.sh           # there, from the repo root, with .whl/ copied along
+#   bash benchmarks/gpu_check.sh kernel    # there: the Triton column loop's checks alone (about 5 minutes)
 #
 # `prepare` downloads the wheels the GPU image lacks (transformers >= 5.21, greenlet; the image's torch,
 # safetensors, tokenizers, huggingface_hub, pyarrow, numpy and pytest serve as they are; Prefect is not
@@ -14,6 +15,9 @@
 #   2. runs benchmarks/gpu_bench.py on the SmolLM2-1.7B shape (first 8 blocks, random init, bf16):
 #      the one-shot stages with --device cuda --dtype auto (bf16), seconds per stage and a block, GPU
 #      memory peak, and the pruned model's perplexity in the GPU's bf16 and fp32 and the CPU's fp32.
+# `kernel` runs instead: the device tests (the Triton kernel's among them, compiled), benchmarks/bench_solver.py --kernels torch,triton on SmolLM2's and Llama-7B's shapes at 50%
+# and 2:4 (with the kernel's tile heights), and gpu_bench.py's prune stage with --kernel torch and triton
+# (default and --sequential mode).
 # Logs and figures go to $OUT (the device tool's folder) or /tmp/gpu-check.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -43,6 +47,27 @@ fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" \
     | tee -a "$OUT/gpu.txt"
+
+if [ "${1:-}" = kernel ]; then
+    python3 -c "import triton; print('triton', triton.__version__)" 2>&1 | tee -a "$OUT/gpu.txt"
+    mapfile -t files < <(grep -rl "pytest.mark.device" tests --include="test_*.py")
+    SPARSEGPT_TEST_DEVICE=cuda timeout 240 python3 -m pytest -q -m device -p no:cacheprovider "${files[@]}" 2>&1 \
+        | tail -30 | tee "$OUT/tests.log"
+    tests=$?
+    for nm in "" 2:4; do
+        timeout 100 python3 benchmarks/bench_solver.py --device cuda --solve-only --kernels torch,triton \
+            --block-rows ${nm:+--nm $nm} 2>&1 | tee -a "$OUT/solver.log"
+    done
+    for mode in "" --sequential; do
+        for kernel in torch triton; do
+            timeout 120 python3 benchmarks/gpu_bench.py --shape smollm2-1.7b --blocks 4 --device cuda $mode \
+                --eval-windows 0 --kernel $kernel --tokenizer "$WHL/tokenizer" --work /tmp/gpu-work \
+                --out "$OUT/gpu_bench_$kernel$mode.json" 2>&1 | tail -25 | tee -a "$OUT/bench.log"
+        done
+    done
+    echo "tests rc $tests"
+    exit "$tests"
+fi
 
 # 1. The device tests: the modules that hold one (none imports Prefect, datasets or gguf).
 mapfile -t files < <(grep -rl "pytest.mark.device" tests --include="test_*.py")
