@@ -10,7 +10,8 @@ The column loop is blocked twice: each block of ``blocksize`` columns is split i
 sub-blocks of ``subblock`` columns. A column's OBS update touches only the rest of
 its sub-block (O(rows · subblock) work); the rest of the block and the rest of the
 layer are updated with one matrix product per sub-block and per block. This is the
-same arithmetic as the paper's loop, reordered into matrix products.
+same arithmetic as the paper's loop, reordered into matrix products. ``kernel="triton"`` runs each
+block's column loop as one Triton kernel instead (`sparsegpt.kernel`, a GPU's fast path).
 """
 
 from __future__ import annotations
