@@ -5,11 +5,14 @@ linear layer (added one sample at a time, as their `add_batch`), the paper's col
 loop (their `fasterprune`), then perplexity the way their `llama_eval` computes it
 (all windows' activations in memory, block by block). It uses this project only to
 draw the same calibration and evaluation windows, and its generic block finder
-(their scripts hard-code `model.model.layers`).
+(their scripts hard-code `model.model.layers`). With ``--device cuda`` it does what their
+scripts do on a GPU: the blocks stay on the CPU and each moves to the GPU for its turn, the
+activations and Hessians live on the GPU, the model in ``--dtype`` (theirs: float16).
 
-    python benchmarks/baseline_authors.py MODEL_DIR --calib SPEC --eval SPEC [--nm 2:4] ...
+    python benchmarks/baseline_authors.py MODEL_DIR --calib SPEC --eval SPEC [--nm 2:4] [--device cuda] ...
 
-Prints perplexities, stage times and the peak resident memory as JSON on its last line.
+Prints perplexities, stage times, the peak resident memory and (on a GPU) the GPU memory peak
+as JSON on its last line.
 """
 
 from __future__ import annotations
@@ -37,8 +40,8 @@ class SparseGPTLayer:
 
     def __init__(self, layer: nn.Module):
         self.layer = layer
-        cols = get_weight(layer).shape[1]
-        self.H = torch.zeros(cols, cols)
+        W = get_weight(layer)
+        self.H = torch.zeros(W.shape[1], W.shape[1], device=W.device)
         self.nsamples = 0
 
     def add_batch(self, inp: torch.Tensor) -> None:
@@ -54,7 +57,8 @@ class _Caught(Exception):
 
 
 def catch_inputs(model, blocks, ids):
-    """Their Catcher: run the model until block 0 and keep its inputs and kwargs."""
+    """Their Catcher: run the model until block 0 and keep its inputs and kwargs (``ids`` on the model's
+    device: its embeddings')."""
     inps, cache = [], {}
 
     def hook(_m, args, kwargs):
@@ -77,10 +81,11 @@ def block_out(out):
 
 
 @torch.no_grad()
-def prune(model, ids, sparsity, prunen, prunem):
+def prune(model, ids, sparsity, prunen, prunem, device="cpu"):
     _, blocks = find_blocks(model)
     inps, kwargs = catch_inputs(model, blocks, ids)
     for block in blocks:
+        block.to(device)
         gpts = {name: SparseGPTLayer(m) for name, m in find_layers(block).items()}
         handles = [g.layer.register_forward_hook(lambda m, i, o, g=g: g.add_batch(i[0].data)) for g in gpts.values()]
         for x in inps:
@@ -90,19 +95,22 @@ def prune(model, ids, sparsity, prunen, prunem):
         for g in gpts.values():
             W = get_weight(g.layer).detach()
             new = paper_algorithm_1(W, g.H, sparsity, prunen=prunen, prunem=prunem)
-            set_weight(g.layer, new)
+            set_weight(g.layer, new.to(W.dtype))
             del g.H
         inps = [block_out(block(x, **kwargs)) for x in inps]
+        block.to("cpu")
 
 
 @torch.no_grad()
-def perplexity(model, windows):
+def perplexity(model, windows, device="cpu"):
     """Their llama_eval, with the final layers found generically through the model's own head."""
     _, blocks = find_blocks(model)
     inps, kwargs = catch_inputs(model, blocks, windows)
-    tuple_out = isinstance(blocks[0](inps[0], **kwargs), tuple)
+    tuple_out = isinstance(blocks[0].to(device)(inps[0], **kwargs), tuple)
     for block in blocks:
+        block.to(device)
         inps = [block_out(block(x, **kwargs)) for x in inps]
+        block.to("cpu")
     # The final norm and lm_head, found generically: block 0 returns the last hidden
     # states, the other blocks pass them through, and the model's own forward does the rest.
     nlls, seqlen = [], windows.shape[1]
@@ -149,21 +157,35 @@ def main() -> None:
     p.add_argument("--sparsity", type=float, default=0.5)
     p.add_argument("--nm", default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="cpu or cuda (blocks move to it one at a time)")
+    p.add_argument("--dtype", default="float32", help="the model's dtype (their GPU scripts: float16)")
     args = p.parse_args()
     t0 = time.perf_counter()
     tok = AutoTokenizer.from_pretrained(args.model_dir)
-    model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=getattr(torch, args.dtype)).eval()
+    cuda = args.device.startswith("cuda")
+    if cuda:  # everything but the blocks on the GPU, as their scripts place the embeddings, norm and head
+        _, blocks = find_blocks(model)
+        model.to(args.device)
+        for block in blocks:
+            block.to("cpu")
     ids = torch.from_numpy(
         sample_calibration(tok, CalibConfig(args.calib, args.nsamples, args.seqlen, args.seed)).astype(np.int64)
-    )
-    windows = eval_windows(tok, args.eval, args.seqlen, args.eval_windows)
+    ).to(args.device)
+    windows = eval_windows(tok, args.eval, args.seqlen, args.eval_windows).to(args.device)
     t_load = time.perf_counter()
-    dense = perplexity(model, windows)
+    dense = perplexity(model, windows, args.device)
     t_dense = time.perf_counter()
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
     n, m = (int(v) for v in args.nm.split(":")) if args.nm else (0, 0)
-    prune(model, ids, args.sparsity, n, m)
+    prune(model, ids, args.sparsity, n, m, args.device)
+    if cuda:
+        torch.cuda.synchronize()
     t_prune = time.perf_counter()
-    pruned = perplexity(model, windows)
+    gpu_peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else None
+    pruned = perplexity(model, windows, args.device)
     t_end = time.perf_counter()
     print(
         json.dumps(
@@ -179,6 +201,7 @@ def main() -> None:
                     "total": t_end - t0,
                 },
                 "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                "prune_gpu_peak_mib": gpu_peak,
             }
         )
     )
