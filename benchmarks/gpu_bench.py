@@ -56,6 +56,18 @@ def _reset(device: str) -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
+def timed_steps(cfg: PruneConfig) -> tuple:
+    """`run_steps` under the run's lock: (run, block records, seconds per step, wall seconds, the GPU peak in GiB
+    or None on a CPU)."""
+    timings: dict[str, float] = {}
+    _reset(cfg.runtime.device)
+    t0 = time.perf_counter()
+    with RunLock(cfg.run_dir):
+        run, records = run_steps(cfg, timings=timings)
+    peak = _peak(cfg.runtime.device)
+    return run, records, timings, time.perf_counter() - t0, peak
+
+
 def prune(args: argparse.Namespace, ckpt: Path, run_dir: Path) -> dict:
     """The one-shot stages on ``ckpt`` (no evaluation); wall time per step, seconds a block, GPU peak."""
     options = dict(
@@ -67,13 +79,7 @@ def prune(args: argparse.Namespace, ckpt: Path, run_dir: Path) -> dict:
         options["nm"] = args.nm
     if args.sequential:
         options["sequential"] = True
-    cfg = PruneConfig.of(**options)
-    timings: dict[str, float] = {}
-    _reset(args.device)
-    t0 = time.perf_counter()
-    with RunLock(cfg.run_dir):
-        run, records = run_steps(cfg, timings=timings)
-    wall = time.perf_counter() - t0
+    run, records, timings, wall, peak = timed_steps(PruneConfig.of(**options))
     blocks = len(records)
     return {
         "wall_s": round(wall, 1),
@@ -83,7 +89,7 @@ def prune(args: argparse.Namespace, ckpt: Path, run_dir: Path) -> dict:
             sum(sum(r["seconds"] for r in rec["layers"].values()) for rec in records) / max(blocks, 1), 3
         ),
         "kernel": args.kernel,
-        "gpu_peak_gib": _peak(args.device),
+        "gpu_peak_gib": peak,
         "dtype": str(run.dtype).removeprefix("torch."),
         "model": str(run.model),
     }

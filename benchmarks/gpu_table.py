@@ -22,7 +22,6 @@ import json
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,26 +29,11 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
+from benchmarks.gpu_bench import timed_steps  # noqa: E402
 from stages.config import PruneConfig  # noqa: E402
 from stages.evaluate.evaluate import blockwise_perplexity  # noqa: E402
 from stages.evaluate.perplexity import eval_windows  # noqa: E402
 from stages.model.models import load_tokenizer  # noqa: E402
-from stages.prune.oneshot import run_steps  # noqa: E402
-from stages.run.rundir import RunLock  # noqa: E402
-
-
-def _reset(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-
-
-def _peak(device: str) -> float:
-    """MiB of GPU memory allocated at most since `_reset` (NaN on a CPU)."""
-    if not device.startswith("cuda"):
-        return float("nan")
-    torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated() / 2**20
 
 
 def calib_spec(args: argparse.Namespace) -> str:
@@ -86,14 +70,8 @@ def ours(args: argparse.Namespace, setting: str, mode: str, kernel: str, windows
         options["nm"] = setting
     else:
         options["sparsity"] = float(setting.rstrip("%")) / 100
-    cfg = PruneConfig.of(**options)
-    timings: dict[str, float] = {}
-    _reset(args.device)
-    t0 = time.perf_counter()
-    with RunLock(cfg.run_dir):
-        run, _ = run_steps(cfg, timings=timings)
-    peak = _peak(args.device)
-    wall = time.perf_counter() - t0
+    run, _, timings, wall, peak_gib = timed_steps(PruneConfig.of(**options))
+    peak = peak_gib * 1024 if peak_gib is not None else float("nan")
     ppl = blockwise_perplexity(run.model, windows, device=args.device, dtype=getattr(torch, args.dtype)).ppl
     return {"ppl": ppl, "stages_s": wall, "prune_s": timings["prune"], "gpu_peak_mib": peak}
 
