@@ -27,6 +27,7 @@ import time
 import torch
 
 from sparsegpt import accumulate_hessian, hessian_inverse, sparsegpt_prune
+from stages.config import parse_nm
 
 LLAMA_7B = [(4096, 4096), (11008, 4096), (4096, 11008)]
 SMOLLM2 = [(576, 576), (192, 576), (1536, 576), (576, 1536)]
@@ -110,7 +111,7 @@ def realistic_hessian(cols: int, device: torch.device) -> torch.Tensor:
 def bench_solve(rows: int, cols: int, args, device: torch.device) -> None:
     W = (torch.randn(rows, cols) / cols**0.5).to(device=device, dtype=getattr(torch, args.dtype))
     H = realistic_hessian(cols, device)
-    n, m = (int(v) for v in args.nm.split(":")) if args.nm else (0, 0)
+    n, m = args.prune_nm
     flops = rows * cols * (cols + args.blocksize) + cols**3  # lazy updates + in-block updates + Cholesky
 
     def solve(kernel: str):
@@ -141,7 +142,7 @@ def bench_block_rows(rows: int, count: int, args, device: torch.device) -> None:
     """The kernel alone on one block ``(rows, count)`` for each tile height."""
     from sparsegpt.kernel import column_loop
 
-    n, m = (int(v) for v in args.nm.split(":")) if args.nm else (0, 0)
+    n, m = args.prune_nm
     Hinv1 = torch.linalg.cholesky(realistic_hessian(count, device).inverse(), upper=True)  # (count, count)
     W0 = torch.randn(rows, count, device=device)
     mask0 = torch.rand(rows, count, device=device) < 0.5 if not m else torch.zeros(rows, count, dtype=torch.bool)
@@ -222,6 +223,7 @@ def main() -> None:
     p.add_argument("--block-rows", action="store_true", help="time the Triton kernel's tile heights")
     p.add_argument("--solve-only", action="store_true", help="skip the matmul and Hessian lines")
     args = p.parse_args()
+    args.prune_nm = parse_nm(args.nm)  # (0, 0): unstructured
     device = torch.device(args.device)
     args.hessian_samples = args.hessian_samples or (128 if device.type == "cuda" else 8)
     args.matmul_size = args.matmul_size or (8192 if device.type == "cuda" else 2048)
