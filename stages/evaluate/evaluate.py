@@ -67,6 +67,7 @@ def blockwise_perplexity(
                 outputs(run_block(block, x, kwargs))
         del block
         trim()
+    release_memory()  # the blocks' freed working set: the head's logits take fresh pages
     head = Head(model_dir, device, dtype, trust_remote_code)
     total = 0.0
     for j in range(nwin):
