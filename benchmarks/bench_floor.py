@@ -46,6 +46,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+import flows  # noqa: E402, F401  (before torch: the CLI's allocator settings, see flows/__init__.py)
+
 WIKITEXT = ROOT.parent / "shared" / "data" / "wikitext2" / "wiki.valid.raw"
 
 import torch  # noqa: E402
