@@ -1,7 +1,9 @@
 """Assemble a Hugging Face checkpoint from the original weights and per-block files.
 
 The output keeps the original tensor names and dtypes: non-block tensors (embeddings,
-final norm, lm_head) are copied from the original safetensors, and the tensors of
+final norm, lm_head) are copied byte for byte from the original safetensors, 8 MiB at a
+time (never loaded or mapped whole: a 128k-vocabulary embedding and head are 2 GiB at
+8B, more than a block), and the tensors of
 block i come from its own file written by `stages.model.blocks.save_block`. A block file
 that already is a shard of the output (checkpoint names and dtypes, as the prune stage
 writes it) becomes one by a hard link: the output costs no disk beyond its non-block
@@ -23,12 +25,13 @@ import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 from safetensors import safe_open
 
 from stages.model.blocks import Skeleton, skeleton
-from stages.model.checkpoint import INDEX_NAME, SafetensorsIndex
+from stages.model.checkpoint import INDEX_NAME, SafetensorsIndex, safetensors_header
 from stages.model.models import SAFETENSORS_DTYPES
 from stages.run.rundir import disk_full, fsync_dir, fsync_tree, link_or_copy
 
@@ -37,6 +40,8 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".ckpt", ".ms
 """Files never copied from the original folder: weights are rewritten, pickles never carried over."""
 DEFAULT_SHARD_BYTES = 256 * 1024**2
 """Output shard size (a block is never split across shards)."""
+COPY_CHUNK = 8 * 1024**2
+"""Bytes per read when the non-block tensors are copied as stored."""
 _NAMES = {dt: name for name, dt in SAFETENSORS_DTYPES.items()}
 
 
@@ -62,6 +67,9 @@ class Unit:
     load: Callable[[], dict[str, torch.Tensor]]
     shard: Path | None = None
     """A file that is this unit's output shard as it is (linked, not rewritten)."""
+    ranges: dict[str, tuple[Path, int, int]] | None = None
+    """Output name -> (file, start, end): the tensor's bytes as stored, copied in chunks instead of `load`
+    (the non-block tensors keep their dtypes, so a 128k-vocabulary embedding is never mapped whole)."""
 
     @property
     def nbytes(self) -> int:
@@ -76,6 +84,35 @@ def _header(path: Path) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
             sl = f.get_slice(n)
             out[n] = (SAFETENSORS_DTYPES.get(sl.get_dtype(), torch.float32), tuple(sl.get_shape()))
     return out
+
+
+def _byte_ranges(index: SafetensorsIndex, names: list[str]) -> dict[str, tuple[Path, int, int]]:
+    """Where each of `names` lies in its safetensors file: (file, first byte, end), from the headers."""
+    out: dict[str, tuple[Path, int, int]] = {}
+    for file in sorted({index.weight_map[n] for n in names}):
+        path = index.root / file
+        with open(path, "rb") as f:
+            data_start = 8 + struct.unpack("<Q", f.read(8))[0]
+        header = safetensors_header(path)
+        for n in names:
+            if index.weight_map[n] == file:
+                a, b = header[n]["data_offsets"]
+                out[n] = (path, data_start + int(a), data_start + int(b))
+    return out
+
+
+def _copy_bytes(src: Path, start: int, end: int, dst: BinaryIO, chunk: int = COPY_CHUNK) -> None:
+    """Append bytes [start, end) of `src` to `dst` through one reused buffer of `chunk` bytes."""
+    buf = memoryview(bytearray(min(chunk, max(end - start, 1))))
+    with open(src, "rb", buffering=0) as f:
+        f.seek(start)
+        left = end - start
+        while left:
+            n = f.readinto(buf[: min(left, len(buf))])
+            if not n:
+                raise ValueError(f"{src} ends before byte {end}: the file is truncated; restore the checkpoint")
+            dst.write(buf[:n])
+            left -= n
 
 
 def _block_unit(path: Path, i: int, sk: Skeleton, dtypes: dict[str, torch.dtype]) -> Unit:
@@ -113,7 +150,7 @@ def _units(
     """
     rest = [k for k in index.weight_map if sk.block_of(k) is None]
     dtypes = {k: dt for k, (dt, _) in original.items()}
-    units = [Unit({k: original[k] for k in rest}, lambda: index.load(rest))]
+    units = [Unit({k: original[k] for k in rest}, lambda: index.load(rest), ranges=_byte_ranges(index, rest))]
     return units + [_block_unit(path, i, sk, dtypes) for i, path in enumerate(paths)]
 
 
@@ -202,6 +239,13 @@ def _stream_safetensors(path: Path, units: list[Unit]) -> None:
         f.write(struct.pack("<Q", len(blob)))
         f.write(blob)
         for unit in units:
+            if unit.ranges is not None:
+                for name, (dt, shape) in unit.layout.items():
+                    src, start, end = unit.ranges[name]
+                    if end - start != math.prod(shape) * dt.itemsize:
+                        raise ValueError(f"{name}: {src} holds {end - start} bytes, its header said shape {shape}")
+                    _copy_bytes(src, start, end, f)
+                continue
             tensors = unit.load()
             for name, (dt, shape) in unit.layout.items():
                 t = tensors.pop(name).to("cpu", dt).contiguous()

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
@@ -145,3 +145,43 @@ def test_streamed_shards_hold_one_block_and_keep_dtypes(
     for k, t in loaded.items():
         assert t.dtype == torch.bfloat16 and torch.equal(t, tensors[k]), k
     load_checked(out)
+
+
+def test_non_block_tensors_are_copied_as_stored(tiny_llama_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    """Embeddings, final norm and head are copied byte for byte, never loaded as tensors (at 8B with a
+    128k vocabulary they are 2 GiB, more than a block)."""
+    import stages.model.assemble as asm
+
+    blocks = write_blocks(tiny_llama_dir, tmp_path / "b")
+
+    def no_load(self, names, *args, **kwargs):
+        raise AssertionError(f"loaded {names}")
+
+    monkeypatch.setattr(SafetensorsIndex, "load", no_load)
+    monkeypatch.setattr(asm, "COPY_CHUNK", 1000)  # several reads a tensor, a short last one
+    out = assemble(tiny_llama_dir, blocks, tmp_path / "m")
+    got, want = load_file(out / "model.safetensors"), load_file(tiny_llama_dir / "model.safetensors")
+    assert got.keys() == want.keys()
+    for k in got:
+        assert got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]), k
+    load_checked(out)
+
+
+def test_truncated_original_is_refused(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    blocks = write_blocks(tiny_llama_dir, tmp_path / "b")
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    for p in tiny_llama_dir.iterdir():
+        (cut / p.name).write_bytes(p.read_bytes())
+    header = json.loads(
+        (cut / "model.safetensors").read_bytes()[8:][
+            : int.from_bytes((cut / "model.safetensors").read_bytes()[:8], "little")
+        ]
+    )
+    last = max((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"][1])
+    assert skeleton(cut).block_of(last) is None  # the file ends with a non-block tensor (model.norm)
+    data = (cut / "model.safetensors").read_bytes()
+    (cut / "model.safetensors").write_bytes(data[:-4])
+    with pytest.raises((ValueError, SafetensorError)):  # safetensors refuses it as it reads the headers
+        assemble(cut, blocks, tmp_path / "m")
+    assert not (tmp_path / "m").exists() and not any(p.name.startswith(".") for p in tmp_path.iterdir())
