@@ -111,10 +111,11 @@ def sparsegpt_prune(
     mask = torch.zeros(rows, cols, dtype=torch.bool, device=W.device)
     loss = torch.zeros((), dtype=torch.float32, device=W.device)
     spaces: dict[int, _BlockSpace] = {}  # by column count: all blocks but the last share one
+    by_column = _by_column(W.device, kernel)
     for b, i1 in enumerate(range(0, cols, blocksize)):
         i2 = min(i1 + blocksize, cols)
         count = i2 - i1
-        space = spaces.get(count) or spaces.setdefault(count, _BlockSpace(W, Hinv, count, subblock, prune_m))
+        space = spaces.get(count) or spaces.setdefault(count, _BlockSpace(W, Hinv, count, subblock, prune_m, by_column))
         space.load(W[:, i1:i2], Hinv[i1:i2, i1:i2])
         prior1 = prior[:, i1:i2] if prior is not None else None
         if prune_m:
@@ -154,6 +155,13 @@ def solved_error(W: torch.Tensor, result: PruneResult, H: torch.Tensor, max_canc
         return reconstruction_error(W, result.weight, H)
     den = output_energy(W, H)
     return num / den if den > 0 else 0.0
+
+
+def _by_column(device: torch.device, kernel: str) -> bool:
+    """Whether the column loop's buffers hold each column contiguous: on a CPU with the torch loop, where a
+    column's error and OBS update run 2-5x faster than over columns strided by the block's width
+    (SmolLM2's solves 22-28% faster). The Triton kernel reads rows; a GPU's torch loop keeps its measured layout."""
+    return kernel == "torch" and device.type == "cpu"
 
 
 def _block_quotas(prior: torch.Tensor | None, rows: int, cols: int, blocksize: int, target: int) -> list[int]:
@@ -197,17 +205,25 @@ class _BlockSpace:
     N:M group five. `load` copies the next block in; the views follow the buffers.
     """
 
-    def __init__(self, W: torch.Tensor, Hinv: torch.Tensor, count: int, subblock: int, prune_m: int) -> None:
+    def __init__(
+        self, W: torch.Tensor, Hinv: torch.Tensor, count: int, subblock: int, prune_m: int, by_column: bool
+    ) -> None:
         rows = W.shape[0]
         f32 = dict(dtype=torch.float32, device=W.device)
-        self.W1 = torch.empty(rows, count, **f32)  # (rows, count)
-        self.Err1 = torch.empty(rows, count, **f32)  # (rows, count)
-        self.scaled = torch.empty(rows, count, **f32)  # mask / d: err_j = w_j * scaled[:, j] without quantization
+
+        def buffer(dtype: torch.dtype = torch.float32) -> torch.Tensor:  # (rows, count)
+            if by_column:  # each column contiguous: a column's ops 2-5x faster on a CPU than strided by count
+                return torch.empty(count, rows, dtype=dtype, device=W.device).t()
+            return torch.empty(rows, count, dtype=dtype, device=W.device)
+
+        self.W1 = buffer()
+        self.Err1 = buffer()
+        self.scaled = buffer()  # mask / d: err_j = w_j * scaled[:, j] without quantization
         self.Hinv1 = torch.empty(count, count, **f32)  # (count, count), upper triangular
         if Hinv.stride(0) < Hinv.stride(1):  # in Hinv's layout (column-major from Cholesky): same BLAS paths
             self.Hinv1 = self.Hinv1.t()
         self.d = torch.empty(count, **f32)  # diag(Hinv1)
-        self.mask1 = torch.empty(rows, count, dtype=torch.bool, device=W.device)
+        self.mask1 = buffer(torch.bool)
         self.w_cols, self.err_cols = self.W1.unbind(1), self.Err1.unbind(1)
         self.scaled_cols, h_rows = self.scaled.unbind(1), self.Hinv1.unbind(0)
         self.subblocks = []  # (s1, s2, W1[:, s2:], Err1[:, s1:s2], Hinv1[s1:s2, s2:]) per sub-block
