@@ -17,7 +17,7 @@ precision = 2 on a GPU, stages.model.models.compute_dtype):
 | Hessian FLOPs, fp32 | sum_g 2 T c_g^2                                | HessianCollector: accumulate_hessian once per distinct input |
 | inverse FLOPs, fp32 | sum_g 2/3 c_g^3 at the factorization rate      | hessian_inverse per distinct input g (cholesky, triangular inverse; linears sharing H share it) |
 | lazy updates, fp32  | sum_i r_i c_i^2                                | sparsegpt_prune: W[:, i2:] -= Err1 Hinv[i1:i2, i2:] after each block of 128 columns |
-| column loop         | sum_i (c_i column_s + r_i c_i elem_s)          | _solve_block: a few small kernels per column over strided (rows, 128) columns |
+| column loop         | sum_i (c_i column_s + r_i c_i elem_s)          | _solve_block: a few small kernels per column (on a CPU each column contiguous) |
 | stats FLOPs, fp32   | sum_i 2 r_i c_i^2                              | solved_error: W H (the numerator from the solve's loss; not in the records' solve seconds) |
 | boundary B          | T d e bytes                                    | ShardWriter(dtype = compute dtype), Arrow shards |
 | boundary traffic    | read 2B (two passes, mmap), write B            | iter_batches, ShardWriter |
