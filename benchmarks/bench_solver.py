@@ -17,6 +17,10 @@ them: the column loop's.
 prints its speed-up over the torch loop and how far its result is from the torch loop's (masks that
 differ, largest weight difference relative to the weights' largest); ``--block-rows`` times the kernel
 alone on one block of each shape's widths for tile heights 4..32 (the kernel's default: 16, N:M 8).
+``--layouts`` times the torch loop with each layout of its block buffers (column-contiguous, a CPU's
+default, and row-major, a GPU's) and prints the time the column layout saves.
+
+    python benchmarks/bench_solver.py --small --solve-only --layouts [--nm 2:4]
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import time
 
 import torch
 
-from sparsegpt import accumulate_hessian, hessian_inverse, sparsegpt_prune
+from sparsegpt import accumulate_hessian, hessian_inverse, solver, sparsegpt_prune
 from stages.config import parse_nm
 
 LLAMA_7B = [(4096, 4096), (11008, 4096), (4096, 11008)]
@@ -138,6 +142,25 @@ def bench_solve(rows: int, cols: int, args, device: torch.device) -> None:
         )
 
 
+def bench_layouts(rows: int, cols: int, args, device: torch.device) -> None:
+    """The torch loop's solve (its factor included) with column-contiguous and with row-major block buffers."""
+    W = (torch.randn(rows, cols) / cols**0.5).to(device=device, dtype=getattr(torch, args.dtype))
+    H = realistic_hessian(cols, device)
+    n, m = args.prune_nm
+    chosen = solver._by_column
+    times = {}
+    try:
+        for layout in (True, False):
+            solver._by_column = lambda device, kernel, layout=layout: layout
+            times[layout] = timed(lambda: sparsegpt_prune(W, H, 0.5, prune_n=n, prune_m=m), device, args.repeats)
+    finally:
+        solver._by_column = chosen
+    print(
+        f"layout  {rows:>6}x{cols:<6} {args.nm or '50%'} by column {times[True]:8.4f} s | by row {times[False]:8.4f} s"
+        f" | by column takes {100 * (1 - times[True] / times[False]):5.1f}% less time"
+    )
+
+
 def bench_block_rows(rows: int, count: int, args, device: torch.device) -> None:
     """The kernel alone on one block ``(rows, count)`` for each tile height."""
     from sparsegpt.kernel import column_loop
@@ -222,6 +245,7 @@ def main() -> None:
     p.add_argument("--kernels", default="torch", help="torch or torch,triton (the Triton column loop too)")
     p.add_argument("--block-rows", action="store_true", help="time the Triton kernel's tile heights")
     p.add_argument("--solve-only", action="store_true", help="skip the matmul and Hessian lines")
+    p.add_argument("--layouts", action="store_true", help="time the torch loop's two block-buffer layouts")
     args = p.parse_args()
     args.prune_nm = parse_nm(args.nm)  # (0, 0): unstructured
     device = torch.device(args.device)
@@ -237,6 +261,9 @@ def main() -> None:
             bench_hessian(cols, args, device, matmul)
     for rows, cols in shapes:
         bench_solve(rows, cols, args, device)
+    if args.layouts:
+        for rows, cols in shapes:
+            bench_layouts(rows, cols, args, device)
     if args.block_rows:
         for rows in sorted({r for r, _ in shapes}):
             bench_block_rows(rows, args.blocksize, args, device)

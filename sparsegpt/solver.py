@@ -160,8 +160,8 @@ def solved_error(W: torch.Tensor, result: PruneResult, H: torch.Tensor, max_canc
 def _by_column(device: torch.device, kernel: str) -> bool:
     """Whether the column loop's buffers hold each column contiguous: on a CPU with the torch loop, where a
     column's error and OBS update run 2-5x faster than over columns strided by the block's width
-    (SmolLM2's solves take 20-24% less time). The Triton kernel reads rows; a GPU's torch loop keeps its
-    measured layout."""
+    (a SmolLM2 layer's solve takes 10-30% less time: bench_solver.py --layouts). The Triton kernel reads rows;
+    a GPU's torch loop keeps its measured layout."""
     return kernel == "torch" and device.type == "cpu"
 
 
