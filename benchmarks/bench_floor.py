@@ -136,7 +136,7 @@ def bare(fn: Callable[[], object], repeat: int = 5) -> float:
 def block_floor(model_dir: Path, nsamples: int, seqlen: int, batch: int, blocksize: int) -> dict[str, float]:
     """Floor seconds of one block (block 0's shapes): forward pass (all layers), forward without the last
     layer, hessian, solve."""
-    from sparsegpt.hessian import _invert_lower_, symmetric_edges
+    from sparsegpt.hessian import _cholesky_lower_, _invert_lower_, symmetric_edges
     from stages.model.blocks import find_layers, get_weight, load_block
     from stages.model.models import load_config
     from stages.prune.pruning import HessianCollector
@@ -195,8 +195,10 @@ def block_floor(model_dir: Path, nsamples: int, seqlen: int, batch: int, blocksi
             H = torch.randn(cols, 2 * cols)
             H = H @ H.T / cols + torch.eye(cols)
 
-            def factor(H=H):  # as `hessian_inverse`: one factorisation, one triangular inverse (its products)
-                _invert_lower_(torch.linalg.cholesky(H.flip(0, 1)))
+            def factor(H=H):  # as `hessian_inverse` on a CPU: one factorisation, one triangular inverse, by halves
+                L = H.flip(0, 1)  # a copy, as hessian_inverse's
+                _cholesky_lower_(L)
+                _invert_lower_(L, by_halves=True)
 
             solve += bare(factor)
         eye = torch.eye(cols)  # the products' shapes are what count, not their values

@@ -17,10 +17,14 @@ them: the column loop's.
 prints its speed-up over the torch loop and how far its result is from the torch loop's (masks that
 differ, largest weight difference relative to the weights' largest); ``--block-rows`` times the kernel
 alone on one block of each shape's widths for tile heights 4..32 (the kernel's default: 16, N:M 8).
+``--factor`` times `hessian_inverse` on each distinct input width (and ``--factor-cols``'s) by the CPU's
+path (Cholesky and triangular inverse by halves) and by cuSOLVER's (a GPU's: `torch.linalg.cholesky_ex`,
+plain products), with each one's relative distance from the float64 factor (up to 8192 columns).
 ``--layouts`` times the torch loop with each layout of its block buffers (column-contiguous, a CPU's
 default, and row-major, a GPU's) and prints the time the column layout saves.
 
     python benchmarks/bench_solver.py --small --solve-only --layouts [--nm 2:4]
+    python benchmarks/bench_solver.py --solve-only --factor --factor-cols 14336
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ import time
 
 import torch
 
-from sparsegpt import accumulate_hessian, hessian_inverse, solver, sparsegpt_prune
+from sparsegpt import accumulate_hessian, hessian, hessian_inverse, solver, sparsegpt_prune
 from stages.config import parse_nm
 
 LLAMA_7B = [(4096, 4096), (11008, 4096), (4096, 11008)]
@@ -142,6 +146,31 @@ def bench_solve(rows: int, cols: int, args, device: torch.device) -> None:
         )
 
 
+def bench_factor(cols: int, args, device: torch.device) -> None:
+    """`hessian_inverse` by halves (a CPU's path) and by `torch.linalg.cholesky_ex` (a GPU's), timed, each
+    against the float64 factor of the authors' chain."""
+    H = realistic_hessian(cols, device)
+    chosen = hessian._by_halves
+    times, factors = {}, {}
+    try:
+        for halves in (True, False):
+            hessian._by_halves = lambda device, halves=halves: halves
+            repeats = args.repeats if cols <= 8192 else 1
+            times[halves] = timed(lambda: hessian_inverse(H), device, repeats)
+            factors[halves] = hessian_inverse(H)[0]
+    finally:
+        hessian._by_halves = chosen
+    line = f"factor  {cols:>6} cols by halves {times[True]:8.4f} s | cholesky_ex {times[False]:8.4f} s | "
+    line += f"{times[False] / times[True]:5.2f}x"
+    if cols <= 8192:
+        ref = H.double()
+        ref.diagonal().add_(0.01 * ref.diagonal().mean())
+        ref = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(ref)), upper=True)
+        err = {k: float((U.double() - ref).norm() / ref.norm()) for k, U in factors.items()}
+        line += f" | from the float64 factor {err[True]:.1e} and {err[False]:.1e}"
+    print(line)
+
+
 def bench_layouts(rows: int, cols: int, args, device: torch.device) -> None:
     """The torch loop's solve (its factor included) with column-contiguous and with row-major block buffers."""
     W = (torch.randn(rows, cols) / cols**0.5).to(device=device, dtype=getattr(torch, args.dtype))
@@ -246,6 +275,8 @@ def main() -> None:
     p.add_argument("--block-rows", action="store_true", help="time the Triton kernel's tile heights")
     p.add_argument("--solve-only", action="store_true", help="skip the matmul and Hessian lines")
     p.add_argument("--layouts", action="store_true", help="time the torch loop's two block-buffer layouts")
+    p.add_argument("--factor", action="store_true", help="time hessian_inverse's two paths")
+    p.add_argument("--factor-cols", default="", help="more widths for --factor, e.g. 14336 (Llama-3.1-8B's down)")
     args = p.parse_args()
     args.prune_nm = parse_nm(args.nm)  # (0, 0): unstructured
     device = torch.device(args.device)
@@ -261,6 +292,10 @@ def main() -> None:
             bench_hessian(cols, args, device, matmul)
     for rows, cols in shapes:
         bench_solve(rows, cols, args, device)
+    if args.factor:
+        widths = {c for _, c in shapes} | {int(c) for c in args.factor_cols.split(",") if c}
+        for cols in sorted(widths):
+            bench_factor(cols, args, device)
     if args.layouts:
         for rows, cols in shapes:
             bench_layouts(rows, cols, args, device)

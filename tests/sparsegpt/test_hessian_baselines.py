@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 
@@ -142,34 +144,86 @@ def test_all_finite_is_exact_also_when_the_sum_overflows():
     assert not _all_finite(mixed)
 
 
+def _spd(n: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    g = torch.Generator().manual_seed(n)
+    X = torch.randn(2 * n, n, generator=g, dtype=dtype)
+    return X.T @ X / n + torch.eye(n, dtype=dtype)  # a Hessian
+
+
+@pytest.mark.parametrize("by_halves", [False, True])
 @pytest.mark.parametrize("n", [1, 7, 128, 300])
-def test_invert_lower_in_place_equals_inverse(n):
+def test_invert_lower_in_place_equals_inverse(n, by_halves):
     from sparsegpt.hessian import _invert_lower_
 
-    g = torch.Generator().manual_seed(n)
-    X = torch.randn(2 * n, n, generator=g, dtype=torch.float64)
-    L = torch.linalg.cholesky(X.T @ X / n + torch.eye(n, dtype=torch.float64))  # a Hessian's factor
-    got = _invert_lower_(L.clone(), leaf=32)  # 300: splits into unequal halves down to leaves of 18-19
+    L = torch.linalg.cholesky(_spd(n))  # a Hessian's factor
+    got = _invert_lower_(L.clone(), leaf=32, by_halves=by_halves)  # 300: unequal halves, leaves of 18-19
     torch.testing.assert_close(got, torch.linalg.inv(L), rtol=1e-10, atol=1e-10)
     assert torch.equal(got, got.tril())
 
 
-@pytest.mark.parametrize("cols", [64, 700])
-def test_hessian_inverse_is_the_authors_factor(cols):
-    """The upper factor by reversed Cholesky and one triangular inverse equals the authors' chain (factor,
-    invert, factor again) computed in float64, dead inputs and damping included."""
-    from sparsegpt import hessian_inverse
+@pytest.mark.parametrize("k", [1, 5, 16, 77])
+def test_triangular_products_in_place_equal_plain_products(k):
+    from sparsegpt.hessian import _trmm_left_, _trmm_right_
 
-    g = torch.Generator().manual_seed(cols)
-    X = torch.randn(2 * cols, cols, generator=g) * torch.rand(cols, generator=g) ** 2
-    H = X.T @ X / X.shape[0]
-    H[5], H[:, 5] = 0, 0
+    g = torch.Generator().manual_seed(k)
+    T = torch.randn(k, k, generator=g, dtype=torch.float64).tril()
+    X = torch.randn(9, k, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(_trmm_right_(X.clone(), T, leaf=4), X @ T, rtol=1e-12, atol=1e-12)
+    Y = X.t().contiguous()  # (k, 9)
+    torch.testing.assert_close(_trmm_left_(T, Y.clone(), leaf=4), T @ Y, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("n", [1, 7, 64, 300])
+def test_cholesky_in_place_equals_lapacks_and_reads_the_lower_triangle(n):
+    from sparsegpt.hessian import _cholesky_lower_
+
+    A = _spd(n)
+    got = A.clone()
+    got[torch.ones(n, n, dtype=torch.bool).triu(1)] = float("nan")  # the upper triangle is never read
+    assert _cholesky_lower_(got, leaf=16) == 0  # 300: unequal halves, leaves of 9-10
+    torch.testing.assert_close(got, torch.linalg.cholesky(A), rtol=1e-10, atol=1e-10)
+    assert torch.equal(got, got.tril())
+
+
+@pytest.mark.parametrize("bad", [3, 40, 41, 299])
+def test_cholesky_in_place_reports_the_first_failing_minor_as_lapack(bad):
+    from sparsegpt.hessian import _cholesky_lower_
+
+    A = _spd(300)
+    A[bad, bad] = -1.0  # leading minors up to `bad` stay positive definite
+    expected = int(torch.linalg.cholesky_ex(A).info)
+    assert expected == bad + 1 and _cholesky_lower_(A.clone(), leaf=16) == expected
+
+
+@pytest.mark.parametrize("by_halves", [False, True])
+def test_hessian_inverse_retries_a_minor_that_fails_in_either_path(monkeypatch, caplog, by_halves):
+    """A Hessian that is positive definite in its first 500 columns only (reversed, its last 100): the
+    in-place factor by halves fails in its second half and retries on a fresh copy, as cuSOLVER's path."""
+    from sparsegpt import hessian, hessian_inverse
+
+    monkeypatch.setattr(hessian, "_by_halves", lambda device: by_halves)
+    H = _spd(600, torch.float32)
+    H[20, 20] = -0.5  # reversed: minor 580 fails, past the first half of 300
     H0 = H.clone()
-    U, dead, damp = hessian_inverse(H, 0.01)
-    assert torch.equal(H, H0) and dead.nonzero().flatten().tolist() == [5] and damp == 0.01
+    with pytest.raises(hessian.HessianError, match="percdamp"):
+        hessian_inverse(H, 0.0)
+    with caplog.at_level(logging.WARNING, logger="sparsegpt.hessian"):
+        U, _, damp = hessian_inverse(H, 0.01, damp_retries=3)
+    assert torch.equal(H, H0) and damp > 0.01 and "retrying" in caplog.text
     ref = H.double()
-    ref[5, 5] = 1
-    ref.diagonal().add_(0.01 * ref.diagonal().mean())
+    ref.diagonal().add_(damp * ref.diagonal().mean())
     ref = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(ref)), upper=True)
-    assert U.dtype == torch.float32 and torch.equal(U, U.triu())
-    assert float((U.double() - ref).norm() / ref.norm()) < 1e-6
+    assert float((U.double() - ref).norm() / ref.norm()) < 1e-5
+
+
+def test_both_factor_paths_agree(monkeypatch):
+    """A CPU factors by halves; cuSOLVER's path (a GPU's) gives the same factor to float32 rounding."""
+    from sparsegpt import hessian
+
+    H = _spd(700, torch.float32)
+    assert hessian._by_halves(H.device)
+    U_halves = hessian.hessian_inverse(H, 0.01)[0]
+    monkeypatch.setattr(hessian, "_by_halves", lambda device: False)
+    U_lapack = hessian.hessian_inverse(H, 0.01)[0]
+    assert torch.equal(U_halves, U_halves.triu())
+    assert float((U_halves - U_lapack).norm() / U_lapack.norm()) < 1e-6
