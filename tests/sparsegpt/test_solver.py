@@ -330,3 +330,19 @@ def test_both_buffer_layouts_solve_alike(monkeypatch, kwargs):
     assert torch.equal(by_column.mask, by_row.mask)
     torch.testing.assert_close(by_column.weight, by_row.weight, rtol=1e-5, atol=1e-6)
     assert by_column.loss == pytest.approx(by_row.loss, rel=1e-5)
+
+
+def test_zero_where_is_masked_fill_bit_for_bit():
+    from sparsegpt.solver import _zero_where_
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.empty(40, 24).t()  # (24, 40), column-major as the CPU's block buffers
+    x.copy_(torch.randn(24, 40, generator=g))
+    x[0, :4] = torch.tensor([float("nan"), -0.0, float("inf"), float("-inf")])
+    mask = torch.rand(24, 40, generator=g) < 0.5
+    mask[0, :4] = True
+    mask[1, :4] = False
+    x[1, :4] = torch.tensor([float("nan"), -0.0, float("inf"), -1.0])
+    expected = x.masked_fill(mask, 0)
+    got = _zero_where_(x, mask)
+    assert got is x and torch.equal(got.view(torch.int32), expected.view(torch.int32))
