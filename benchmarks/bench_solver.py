@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from unittest import mock
 
 import torch
 
@@ -150,16 +151,11 @@ def bench_factor(cols: int, args, device: torch.device) -> None:
     """`hessian_inverse` by halves (a CPU's path) and by `torch.linalg.cholesky_ex` (a GPU's), timed, each
     against the float64 factor of the authors' chain."""
     H = realistic_hessian(cols, device)
-    chosen = hessian._by_halves
     times, factors = {}, {}
-    try:
-        for halves in (True, False):
-            hessian._by_halves = lambda device, halves=halves: halves
-            repeats = args.repeats if cols <= 8192 else 1
-            times[halves] = timed(lambda: hessian_inverse(H), device, repeats)
+    for halves in (True, False):
+        with mock.patch.object(hessian, "_by_halves", lambda device, halves=halves: halves):
+            times[halves] = timed(lambda: hessian_inverse(H), device, args.repeats if cols <= 8192 else 1)
             factors[halves] = hessian_inverse(H)[0]
-    finally:
-        hessian._by_halves = chosen
     line = f"factor  {cols:>6} cols by halves {times[True]:8.4f} s | cholesky_ex {times[False]:8.4f} s | "
     line += f"{times[False] / times[True]:5.2f}x"
     if cols <= 8192:
@@ -176,14 +172,10 @@ def bench_layouts(rows: int, cols: int, args, device: torch.device) -> None:
     W = (torch.randn(rows, cols) / cols**0.5).to(device=device, dtype=getattr(torch, args.dtype))
     H = realistic_hessian(cols, device)
     n, m = args.prune_nm
-    chosen = solver._by_column
     times = {}
-    try:
-        for layout in (True, False):
-            solver._by_column = lambda device, kernel, layout=layout: layout
+    for layout in (True, False):
+        with mock.patch.object(solver, "_by_column", lambda device, kernel, layout=layout: layout):
             times[layout] = timed(lambda: sparsegpt_prune(W, H, 0.5, prune_n=n, prune_m=m), device, args.repeats)
-    finally:
-        solver._by_column = chosen
     print(
         f"layout  {rows:>6}x{cols:<6} {args.nm or '50%'} by column {times[True]:8.4f} s | by row {times[False]:8.4f} s"
         f" | by column takes {100 * (1 - times[True] / times[False]):5.1f}% less time"
