@@ -259,7 +259,10 @@ def prune_layer(
     t0 = time.perf_counter()
     res = solve_layer(W, H, cfg, sparsity, name, factors)
     seconds = time.perf_counter() - t0
-    err = solved_error(W, res, H) if cfg.method == "sparsegpt" else reconstruction_error(W, res.weight, H)
+    if cfg.method == "sparsegpt":  # the factor the solve used, for the error's denominator
+        err = solved_error(W, res, H, Hinv=factors(H, W, cfg, name)[0] if factors is not None else None)
+    else:
+        err = reconstruction_error(W, res.weight, H)
     set_weight(layer, res.weight)
     return LayerStats(
         sparsity=res.sparsity,

@@ -11,6 +11,7 @@ from sparsegpt import (
     HessianError,
     QuantSpec,
     accumulate_hessian,
+    hessian_inverse,
     magnitude_prune,
     nm_pattern_ok,
     reconstruction_error,
@@ -167,8 +168,6 @@ def test_singular_hessian_names_layer_and_retries(caplog):
 
 
 def test_a_given_factor_gives_the_same_bits_and_a_wrong_one_is_refused():
-    from sparsegpt import hessian_inverse
-
     W, H, _ = layer(24, 64, seed=8)
     factor = hessian_inverse(H, 0.01)
     for kw in ({"sparsity": 0.5}, {"prune_n": 2, "prune_m": 4}, {"sparsity": 0.5, "quant": QuantSpec(4)}):
@@ -216,9 +215,11 @@ def test_solved_error_is_the_reconstruction_error(kwargs):
         H[:, 7], H[7, :], H[:, 90], H[90, :] = 0, 0, 0, 0
     if kwargs.pop("prior", False):
         kwargs["prior_mask"] = sparsegpt_prune(W, H, 0.3, blocksize=32).mask
-    res = sparsegpt_prune(W, H, 0.6, blocksize=32, **kwargs)
+    factor = hessian_inverse(H, kwargs.get("percdamp", 0.01))
+    res = sparsegpt_prune(W, H, 0.6, blocksize=32, factor=factor, **kwargs)
     direct = reconstruction_error(W, res.weight, H)
     assert solved_error(W, res, H) == pytest.approx(direct, rel=1e-5)
+    assert solved_error(W, res, H, Hinv=factor[0]) == pytest.approx(direct, rel=1e-5)  # ‖W₀U⁻¹‖² − λ‖W₀‖²
     damped = sparsegpt_prune(W, H, 0.6, blocksize=32, percdamp=100.0)
     assert solved_error(W, damped, H) == reconstruction_error(W, damped.weight, H)
     half = sparsegpt_prune(W.bfloat16(), H, 0.6, blocksize=32)  # rounded after the solve: computed directly
@@ -346,3 +347,24 @@ def test_zero_where_is_masked_fill_bit_for_bit():
     expected = x.masked_fill(mask, 0)
     got = _zero_where_(x, mask)
     assert got is x and torch.equal(got.view(torch.int32), expected.view(torch.int32))
+
+
+@pytest.mark.parametrize("dead", [False, True], ids=["", "dead inputs"])
+def test_damped_energy_against_float64(dead):
+    """`damped_energy` from the solve's factor equals tr(W₀ (H + λI) W₀ᵀ) computed in float64 with H itself,
+    over several row chunks; `output_energy` (the product with H) agrees with tr(W H Wᵀ) likewise."""
+    from sparsegpt.hessian import damped_energy, output_energy
+
+    W, H, _ = layer(70, 48, seed=5)
+    if dead:
+        H[:, 3], H[3, :] = 0, 0
+    Hinv, dead_cols, percdamp = hessian_inverse(H, 0.05)
+    W0 = W.masked_fill(dead_cols.unsqueeze(0), 0)
+    Hd = H.double().clone()
+    Hd[dead_cols, dead_cols] = 1
+    lam = percdamp * float(torch.diag(Hd).mean())
+    damped = Hd + lam * torch.eye(48, dtype=torch.float64)
+    ref = float(torch.trace(W0.double() @ damped @ W0.double().T))
+    assert damped_energy(W0, Hinv, rows=32) == pytest.approx(ref, rel=1e-5)
+    plain = float(torch.trace(W.double() @ H.double() @ W.double().T))
+    assert output_energy(W, H, rows=32) == pytest.approx(plain, rel=1e-6)
