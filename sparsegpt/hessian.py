@@ -253,32 +253,50 @@ def reconstruction_error(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor, 
     Exact for the calibration inputs ``H`` was accumulated from (the ``2/n`` factor
     cancels). Returns 0.0 for an all-zero output.
     """
-    W, W_hat = W.float(), W_hat.float()
-    num = torch.zeros((), dtype=torch.float64, device=W.device)
-    for r in range(0, W.shape[0], rows):  # (rows, cols) temporaries instead of three of the weight's size
-        D = W[r : r + rows] - W_hat[r : r + rows]
-        num += torch.sum((D @ H) * D, dtype=torch.float64)
+    num = error_energy(W, W_hat, H, rows)
     den = output_energy(W, H, rows)
-    return float(num) / den if den > 0 else 0.0
+    return num / den if den > 0 else 0.0
+
+
+def error_energy(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor, rows: int = 1024) -> float:
+    """``tr((W − Ŵ) H (W − Ŵ)ᵀ)`` (``‖WX − ŴX‖²`` up to H's scale), ``rows`` rows at a time (``(rows, cols)``
+    temporaries instead of three of the weight's size); each row's sum in fp32, their total in fp64."""
+    W, W_hat = W.float(), W_hat.float()
+    total = 0.0
+    for r in range(0, W.shape[0], rows):
+        D = W[r : r + rows] - W_hat[r : r + rows]
+        total += float(torch.linalg.vecdot(D @ H, D).double().sum())
+    return total
 
 
 def output_energy(W: torch.Tensor, H: torch.Tensor, rows: int = 1024) -> float:
-    """``tr(W H Wᵀ)`` (``‖WX‖²`` up to H's scale), in fp64, ``rows`` rows of ``W`` at a time."""
+    """``tr(W H Wᵀ)`` (``‖WX‖²`` up to H's scale), ``rows`` rows of ``W`` at a time; each row's sum in fp32,
+    their total in fp64 (a cast of the whole product to fp64 took 2-3x the time of these sums)."""
     W = W.float()
-    total = torch.zeros((), dtype=torch.float64, device=W.device)
+    total = 0.0
     for r in range(0, W.shape[0], rows):
-        total += torch.sum((W[r : r + rows] @ H) * W[r : r + rows], dtype=torch.float64)
-    return float(total)
+        total += float(torch.linalg.vecdot(W[r : r + rows] @ H, W[r : r + rows]).double().sum())
+    return total
 
 
 def damped_energy(W: torch.Tensor, Hinv: torch.Tensor, rows: int = 1024) -> float:
     """``tr(W (H + λI) Wᵀ)`` from `hessian_inverse`'s factor ``Hinv`` (``U``: ``(H + λI)⁻¹ = UᵀU``, so
     ``H + λI = U⁻¹U⁻ᵀ``) as ``‖W U⁻¹‖²``: a triangular solve, half the flops of `output_energy`'s product
-    with ``H``, in fp64 sums, ``rows`` rows of ``W`` at a time. ``W``'s columns that ``hessian_inverse``
-    found dead must be zero (their diagonal was set to 1)."""
+    with ``H``, ``rows`` rows of ``W`` at a time. ``W``'s columns that ``hessian_inverse`` found dead must be
+    zero (their diagonal was set to 1)."""
     W = W.float()
-    total = torch.zeros((), dtype=torch.float64, device=W.device)
+    total = 0.0
     for r in range(0, W.shape[0], rows):
-        Z = torch.linalg.solve_triangular(Hinv, W[r : r + rows], upper=True, left=False)  # W U⁻¹
-        total += torch.sum(Z * Z, dtype=torch.float64)
-    return float(total)
+        total += squared_norm(torch.linalg.solve_triangular(Hinv, W[r : r + rows], upper=True, left=False))
+    return total
+
+
+def squared_norm(A: torch.Tensor, B: torch.Tensor | None = None, rows: int = 1024) -> float:
+    """``‖A‖²`` or ``‖A − B‖²`` of ``(rows, cols)`` matrices: fp32 row norms (one pass, no temporary for
+    ``‖A‖²``; ``rows`` rows of ``A − B`` at a time) summed in fp64. At 1024 x 14336 1.1 ms against 40 ms
+    for a sum cast to fp64, relative distance from the fp64 sum 4e-8."""
+    total = 0.0
+    for r in range(0, A.shape[0], rows):
+        chunk = A[r : r + rows] if B is None else A[r : r + rows] - B[r : r + rows]
+        total += float(torch.linalg.vector_norm(chunk, dim=-1).double().square().sum())
+    return total

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from sparsegpt.hessian import damped_energy, hessian_inverse, output_energy, reconstruction_error
+from sparsegpt.hessian import damped_energy, error_energy, hessian_inverse, output_energy, squared_norm
 from sparsegpt.kernel import column_loop, triton_missing
 from sparsegpt.masks import check_prior_mask, lowest_k, target_count
 from sparsegpt.quant import QuantGrid, quant_grid, quantize
@@ -145,23 +145,25 @@ def solved_error(
     is ``tr(W H Wᵀ)``; given ``Hinv`` (``U``, the factor the solve used) it is ``‖W₀U⁻¹‖² − λ‖W₀‖²``
     (`damped_energy`: a triangular solve, half the flops of the product with ``H``: at Llama-3.1-8B's down
     projection 1.7 TFLOP a layer against 3.4). When a ``λ`` term is more than ``1 − 1/max_cancel`` of what it
-    is taken from the difference would lose precision, and when the result was rounded to a lower precision
-    than the solve's the identity no longer holds: both compute that part directly. Agrees with
-    `reconstruction_error` to about 1e-6 (SmolLM2's layers).
+    is taken from (a Hessian of fewer tokens than columns: the damping dominates the error's energy), the
+    difference would lose precision, and when the result was rounded to a lower precision than the solve's
+    the loss no longer describes it: that part is computed with ``H`` (`error_energy`, `output_energy`).
+    Agrees with `reconstruction_error` to about 1e-6 (SmolLM2's layers).
     """
-    if result.weight.dtype != torch.float32:
-        return reconstruction_error(W, result.weight, H)
     diag = torch.diag(H).float()
     dead = diag == 0
     damp = result.percdamp * float(torch.where(dead, 1.0, diag).mean())  # as hessian_inverse dampens
-    W0 = W.float().masked_fill(dead.unsqueeze(0), 0)
-    num = 2 * result.loss - damp * float(torch.sum((W0 - result.weight).square(), dtype=torch.float64))
-    if not num * max_cancel > 2 * result.loss:
-        return reconstruction_error(W, result.weight, H)
+    W0 = W.float().masked_fill(dead.unsqueeze(0), 0) if bool(dead.any()) else W.float()
+    num = None
+    if result.weight.dtype == torch.float32:
+        num = 2 * result.loss - damp * squared_norm(W0, result.weight)
+        num = num if num * max_cancel > 2 * result.loss else None
+    if num is None:
+        num = error_energy(W, result.weight, H)
     den = None
     if Hinv is not None:
         damped = damped_energy(W0, Hinv)
-        den = damped - damp * float(torch.sum(W0.square(), dtype=torch.float64))
+        den = damped - damp * squared_norm(W0)
         den = den if den * max_cancel > damped else None
     if den is None:
         den = output_energy(W, H)

@@ -224,6 +224,23 @@ def test_solved_error_is_the_reconstruction_error(kwargs):
     assert solved_error(W, damped, H) == reconstruction_error(W, damped.weight, H)
     half = sparsegpt_prune(W.bfloat16(), H, 0.6, blocksize=32)  # rounded after the solve: computed directly
     assert solved_error(W.bfloat16(), half, H) == reconstruction_error(W.bfloat16(), half.weight, H)
+    # the denominator from the factor also where the numerator is computed with H
+    for r, f in ((damped, hessian_inverse(H, 100.0)), (half, hessian_inverse(H, 0.01))):
+        w = W.to(r.weight.dtype)
+        assert solved_error(w, r, H, Hinv=f[0]) == pytest.approx(reconstruction_error(w, r.weight, H), rel=1e-5)
+
+
+def test_solved_error_of_a_hessian_of_fewer_tokens_than_columns():
+    """A rank-deficient H (8 tokens, 160 columns, percdamp 0.3): the damping is most of the loss, so the
+    numerator is computed with H while the denominator still comes from the factor; both agree with the
+    direct error."""
+    W, H, _ = layer(96, 160, seed=6, tokens=8)
+    factor = hessian_inverse(H, 0.3)
+    res = sparsegpt_prune(W, H, 0.5, blocksize=32, factor=factor)
+    direct = reconstruction_error(W, res.weight, H)
+    damping = res.loss - direct * float(torch.trace(W @ H @ W.T)) / 2
+    assert damping > (1 - 1 / 8) * res.loss  # the case: more than solved_error's max_cancel allows
+    assert solved_error(W, res, H, Hinv=factor[0]) == pytest.approx(direct, rel=1e-5)
 
 
 @pytest.mark.device
