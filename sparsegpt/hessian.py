@@ -112,31 +112,33 @@ def hessian_inverse(
     # reversal): one factorisation and one triangular inverse, 2/3·cols³ flops against the authors'
     # 4/3·cols³ (factor, invert, factor again), and closer to the float64 factor (1536 columns: relative
     # error 8.2e-8 against 9.6e-8). H is worked on reversed throughout.
-    H = H.flip(0, 1).to(torch.float32)  # (cols, cols), reversed: a copy
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1
-    mean_diag = torch.mean(torch.diag(H)).item()
+    R = H.flip(0, 1).to(torch.float32)  # (cols, cols), reversed: a copy; the caller's H stays as it was
+    dead = torch.diag(R) == 0
+    R[dead, dead] = 1
+    mean_diag = torch.mean(torch.diag(R)).item()
     where = f" of layer {name!r}" if name else ""
     # At most two (cols, cols) matrices live at once besides the caller's H (down_proj of a 70B model:
-    # 28672 columns, 3.3 GB each): the copy is dropped once factored (on a CPU it is factored in place,
-    # with a (cols/2)² temporary), the factor inverted in place.
-    by_halves = _by_halves(H.device)
+    # 28672 columns, 3.3 GB each), on a CPU one: the copy is factored in place (with a (cols/2)² temporary),
+    # inverted in place and reversed in place. A retry copies the caller's H again rather than keeping a
+    # spare copy: fresh (cols, cols) matrices are page-faulted in, 0.1 s at 14336 columns on warm memory
+    # and up to 5-9 s where a VM hands the guest its memory back (bench_scale's machine).
+    by_halves = _by_halves(R.device)
     for attempt in range(damp_retries + 1):
-        damped = H.clone() if attempt < damp_retries else H
-        if attempt == damp_retries:
-            del H
-        damped.diagonal().add_(percdamp * mean_diag)
+        if attempt > 0:
+            R = H.flip(0, 1).to(torch.float32)
+            R[dead, dead] = 1
+        R.diagonal().add_(percdamp * mean_diag)
         if by_halves:
-            info = _cholesky_lower_(damped)
-            L = damped  # factored in place
+            info = _cholesky_lower_(R)
+            L = R  # factored in place
         else:
-            L, info = torch.linalg.cholesky_ex(damped)
+            L, info = torch.linalg.cholesky_ex(R)
             info = int(info)
-        del damped
+        del R
         if info == 0 and _all_finite(L):
             _invert_lower_(L, by_halves=by_halves)
             if _all_finite(L):
-                return L.flip(0, 1), dead.flip(0), percdamp
+                return (_reverse_(L) if by_halves else L.flip(0, 1)), dead.flip(0), percdamp
         del L
         if attempt < damp_retries:
             new = percdamp * 10 if percdamp > 0 else 0.01
@@ -146,6 +148,21 @@ def hessian_inverse(
         f"the Hessian{where} is not positive definite after dampening with percdamp={percdamp:g}; "
         "use a larger percdamp (e.g. 0.1), more calibration samples, or allow damping retries"
     )
+
+
+def _reverse_(A: torch.Tensor, rows: int = 256) -> torch.Tensor:
+    """``A ← J·A·J`` (both axes reversed, as ``A.flip(0, 1)``) in place for a square ``A``, ``rows`` rows at a
+    time: temporaries of ``(rows, n)`` instead of a second ``(n, n)`` matrix."""
+    n = A.shape[0]
+    for i in range(0, n // 2, rows):
+        k = min(rows, n // 2 - i)
+        top, bottom = A[i : i + k], A[n - i - k : n - i]
+        kept = top.clone()
+        top.copy_(bottom.flip(0, 1))
+        bottom.copy_(kept.flip(0, 1))
+    if n % 2:
+        A[n // 2].copy_(A[n // 2].flip(0))
+    return A
 
 
 def _by_halves(device: torch.device) -> bool:

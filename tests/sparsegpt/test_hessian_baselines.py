@@ -210,6 +210,7 @@ def test_hessian_inverse_retries_a_minor_that_fails_in_either_path(monkeypatch, 
     with caplog.at_level(logging.WARNING, logger="sparsegpt.hessian"):
         U, _, damp = hessian_inverse(H, 0.01, damp_retries=3)
     assert torch.equal(H, H0) and damp > 0.01 and "retrying" in caplog.text
+    assert torch.equal(U, hessian_inverse(H, damp)[0])  # a retry starts from a fresh copy: the same bits
     ref = H.double()
     ref.diagonal().add_(damp * ref.diagonal().mean())
     ref = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(ref)), upper=True)
@@ -227,3 +228,15 @@ def test_both_factor_paths_agree(monkeypatch):
     U_lapack = hessian.hessian_inverse(H, 0.01)[0]
     assert torch.equal(U_halves, U_halves.triu())
     assert float((U_halves - U_lapack).norm() / U_lapack.norm()) < 1e-6
+
+
+@pytest.mark.parametrize("n,rows", [(1, 4), (7, 2), (8, 3), (9, 4), (300, 256), (301, 64)])
+def test_reverse_in_place_equals_flip(n, rows):
+    """`_reverse_` reverses both axes in place as `flip(0, 1)` does, for odd and even sizes and chunks that
+    do and do not divide the half."""
+    from sparsegpt.hessian import _reverse_
+
+    A = torch.randn(n, n, generator=torch.Generator().manual_seed(n))
+    expected = A.flip(0, 1)
+    got = _reverse_(A, rows=rows)
+    assert got is A and torch.equal(got, expected)
