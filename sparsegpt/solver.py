@@ -44,7 +44,8 @@ class PruneResult:
 
     @property
     def sparsity(self) -> float:
-        return float(self.mask.float().mean())
+        # an exact count, no float copy of the mask (at Llama-3.1-8B's down projection 235 MB, faulted in)
+        return int(torch.count_nonzero(self.mask)) / self.mask.numel()
 
 
 def sparsegpt_prune(
