@@ -145,7 +145,7 @@ def solved_error(
     tr((W₀ − Ŵ)(H + λI)(W₀ − Ŵ)ᵀ)`` and the numerator is ``2·loss − λ‖W₀ − Ŵ‖²``. The denominator ``‖WX‖²``
     is ``tr(W H Wᵀ)``; given ``Hinv`` (``U``, the factor the solve used) it is ``‖W₀U⁻¹‖² − λ‖W₀‖²``
     (`damped_energy`: a triangular solve, half the flops of the product with ``H``: at Llama-3.1-8B's down
-    projection 1.7 TFLOP a layer against 3.4). When a ``λ`` term is more than ``1 − 1/max_cancel`` of what it
+    projection 0.84 TFLOP a layer against 1.68). When a ``λ`` term is more than ``1 − 1/max_cancel`` of what it
     is taken from (a Hessian of fewer tokens than columns: the damping dominates the error's energy), the
     difference would lose precision, and when the result was rounded to a lower precision than the solve's
     the loss no longer describes it: that part is computed with ``H`` (`error_energy`, `output_energy`).
