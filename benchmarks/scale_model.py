@@ -18,7 +18,7 @@ precision = 2 on a GPU, stages.model.models.compute_dtype):
 | inverse FLOPs, fp32 | sum_g 2/3 c_g^3 at the factorization rate      | hessian_inverse per distinct input g (cholesky, triangular inverse; linears sharing H share it) |
 | lazy updates, fp32  | sum_i r_i c_i^2                                | sparsegpt_prune: W[:, i2:] -= Err1 Hinv[i1:i2, i2:] after each block of 128 columns |
 | column loop         | sum_i (c_i column_s + r_i c_i elem_s)          | _solve_block: a few small kernels per column (on a CPU each column contiguous) |
-| stats FLOPs, fp32   | sum_i 2 r_i c_i^2                              | solved_error: W H (the numerator from the solve's loss; not in the records' solve seconds) |
+| stats FLOPs, fp32   | sum_i r_i c_i^2                                | solved_error: W U^-1, a triangular solve with the solve's factor (the numerator from the solve's loss, with H only where damping dominates it; not in the records' solve seconds) |
 | boundary B          | T d e bytes                                    | ShardWriter(dtype = compute dtype), Arrow shards |
 | boundary traffic    | read 2B (two passes, mmap), write B            | iter_batches, ShardWriter |
 | hashed (sha256)     | B + 2 P per block, non-block tensors once      | write_record hashes a file once per process (rundir.sha256_file remembers it): the boundary and the block file (checkpoint dtype, 2 bytes) when written; model.json's linked shards are the block files |
@@ -183,7 +183,7 @@ def block_work(s: Shape, nsamples: int, seqlen: int, e: int, passes: int = 2) ->
         hess=sum(2 * T * li.cols**2 for li in s.linears if li.owner == li.name),
         inverse=sum(2 / 3 * li.cols**3 for li in s.linears if li.owner == li.name),
         lazy=sum(li.rows * li.cols**2 for li in s.linears),
-        stats=sum(2 * li.rows * li.cols**2 for li in s.linears),
+        stats=sum(li.rows * li.cols**2 for li in s.linears),
         columns=sum(li.cols for li in s.linears),
         elements=s.P,
         boundary=T * s.hidden * e,
