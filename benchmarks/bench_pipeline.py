@@ -12,11 +12,15 @@
    pruned by the CLI without evaluation; prints each process's peak RSS.
 3. Compute dtype: SparseGPT 50% with `--dtype float32` and `--dtype bfloat16` on the CPU,
    same data; prints both pruned perplexities and their ratio (the target: within 3%).
+4. Seeds (not in "all"): part 1's pruned perplexities, ours and the yardstick's, for each calibration
+   seed of `--seeds` (the same 32 x 512 sampler in both), and the spread of their ratio: how far a
+   ratio of one seed can be read. Ours evaluates the dense model once (its cache); no timings.
 
     python benchmarks/bench_pipeline.py                       # both parts, defaults of the issue
     python benchmarks/bench_pipeline.py --part quality --eval-windows 40 [--setting 50%] [--modes default,sequential]
     python benchmarks/bench_pipeline.py --part depth [--depth-args "--reconstruct"]
     python benchmarks/bench_pipeline.py --part dtype [--eval-windows 40]
+    python benchmarks/bench_pipeline.py --part seeds --setting 2:4 --modes default,sequential --seeds 0,1,2,3
 
 Needs ../shared/data/wikitext2 (or --wikitext DIR) for part 1.
 """
@@ -196,9 +200,46 @@ def depth(args: argparse.Namespace, work: Path) -> None:
     print(f"peak RSS 32 vs 8 blocks: {100 * (peaks[32] / peaks[8] - 1):+.1f}%")
 
 
+def seeds(args: argparse.Namespace, work: Path) -> None:
+    calib = f"wikitext2={args.wikitext / 'wiki.valid.raw'}"
+    evals = f"wikitext2={args.wikitext / 'wiki.test.raw'}"
+    common = ["--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen)]
+    common += ["--eval-windows", str(args.eval_windows)] if args.eval_windows else []
+    from stages.model.checkpoint import resolve_model
+
+    model_dir = resolve_model("smollm2-135m")
+    print(
+        f"SmolLM2-135M, calib {args.nsamples}x{args.seqlen} WikiText-2 valid by seed, eval WikiText-2 test "
+        f"{args.eval_windows or 'all'} windows x {args.seqlen}, CPU; pruned perplexity"
+    )
+    settings = (("50%", ["--sparsity", "0.5"]), ("2:4", ["--nm", "2:4"]))
+    for label, opt in (s for s in settings if args.setting in ("both", s[0])):
+        print(f"{'setting':<8} {'seed':>4} {'yardstick':>10} " + " ".join(f"{m:>10} {'ratio':>7}" for m in args.modes))
+        ratios: dict[str, list[float]] = {mode: [] for mode in args.modes}
+        for seed in args.seeds:
+            cmd = [sys.executable, "-m", "benchmarks.baseline_authors", str(model_dir), "--calib", calib]
+            cmd += ["--eval", evals, "--seed", str(seed), *common, *opt]
+            _, _, out = timed_process(cmd, work / f"seed-base-{seed}.log")
+            base = json.loads(out.strip().splitlines()[-1])["ppl"]
+            line = f"{label:<8} {seed:>4} {base:10.2f}"
+            for mode in args.modes:
+                run_dir = work / f"seed-{label.replace(':', '-').replace('%', '')}-{mode}-{seed}"
+                cmd = [sys.executable, "-m", "flows.cli", "prune", "smollm2-135m", "--calib", calib, "--no-progress"]
+                cmd += ["--run-dir", str(run_dir), "--eval", evals, "--seed", str(seed), *common, *opt]
+                cmd += ["--sequential"] if mode == "sequential" else []
+                timed_process(cmd, work / f"{run_dir.name}.log")
+                ppl = json.loads((run_dir / "eval" / "metrics.json").read_text())["wikitext2"]["ppl"]
+                ratios[mode].append(ppl / base)
+                line += f" {ppl:10.2f} {ppl / base:7.4f}"
+            print(line, flush=True)
+        for mode, r in ratios.items():
+            mean = sum(r) / len(r)
+            print(f"{label:<8} {mode}: ratio to the yardstick mean {mean:.4f}, least {min(r):.4f}, most {max(r):.4f}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--part", choices=("quality", "depth", "dtype", "all"), default="all")
+    p.add_argument("--part", choices=("quality", "depth", "dtype", "seeds", "all"), default="all")
     p.add_argument("--wikitext", type=Path, default=ROOT.parent / "shared" / "data" / "wikitext2")
     p.add_argument("--nsamples", type=int, default=32)
     p.add_argument("--seqlen", type=int, default=512)
@@ -212,6 +253,7 @@ def main() -> None:
         default=["default"],
         help="part 1: comma-separated modes of this project's prune, of default and sequential (--sequential)",
     )
+    p.add_argument("--seeds", type=lambda v: [int(x) for x in v.split(",")], default=[0, 1, 2, 3], help="part 4: seeds")
     p.add_argument("--keep", action="store_true", help="keep the work folder (logs, run dirs)")
     args = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-pipeline-"))
@@ -222,6 +264,8 @@ def main() -> None:
             depth(args, work)
         if args.part in ("dtype", "all"):
             dtype(args, work)
+        if args.part == "seeds":
+            seeds(args, work)
     finally:
         if args.keep:
             print(f"work folder: {work}")
