@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,16 +32,7 @@ import flows  # noqa: E402, F401  (before torch: the CLI's allocator settings, s
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-
-def least(fn: Callable[[], object], repeats: int) -> float:
-    """The least wall time of ``repeats`` calls of ``fn`` (after one warm-up call)."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
+from benchmarks.bench_floor import bare  # noqa: E402  (the least of `repeat` calls after a warm-up)
 
 
 def main() -> None:
@@ -82,14 +72,14 @@ def main() -> None:
         F.scaled_dot_product_attention(q, q, q, is_causal=True)
 
     with torch.inference_mode():
-        floor = least(products, args.repeats)
+        floor = bare(products, args.repeats)
         eager_out = run_block(block, x, kwargs)
-        eager = least(lambda: run_block(block, x, kwargs), args.repeats)
+        eager = bare(lambda: run_block(block, x, kwargs), args.repeats)
         compiled_block = torch.compile(block, dynamic=args.dynamic)
         t0 = time.perf_counter()
         compiled_out = run_block(compiled_block, x, kwargs)
         first = time.perf_counter() - t0
-        compiled = least(lambda: run_block(compiled_block, x, kwargs), args.repeats)
+        compiled = bare(lambda: run_block(compiled_block, x, kwargs), args.repeats)
     diff = (compiled_out - eager_out).abs().max().item()
     scale = eager_out.abs().max().item()
 
