@@ -30,9 +30,8 @@ import flows  # noqa: E402, F401  (before torch: the CLI's allocator settings, s
 
 # isort: split
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
-from benchmarks.bench_floor import bare  # noqa: E402  (the least of `repeat` calls after a warm-up)
+from benchmarks.bench_floor import bare, forward_floor  # noqa: E402
 
 
 def main() -> None:
@@ -45,7 +44,7 @@ def main() -> None:
     p.add_argument("--dynamic", action="store_true", help="compile with dynamic shapes (torch.compile(dynamic=True))")
     args = p.parse_args()
 
-    from stages.model.blocks import find_layers, get_weight, load_block, run_block
+    from stages.model.blocks import find_layers, load_block, run_block
     from stages.model.capture import capture_inputs
     from stages.model.checkpoint import resolve_model
     from stages.model.models import load_config
@@ -58,21 +57,13 @@ def main() -> None:
     _, kwargs = capture_inputs(model_dir, ids, "cpu", torch.float32, 1)
     x = torch.randn(args.batch_size, args.seqlen, config.hidden_size)
 
-    # the floor: the block's products alone, into buffers made once
-    tokens = args.batch_size * args.seqlen
-    weights = [get_weight(m).detach().t() for m in find_layers(block).values()]
-    inputs = [torch.randn(tokens, w.shape[0]) for w in weights]
-    outs = [torch.empty(tokens, w.shape[1]) for w in weights]
-    heads = config.num_attention_heads
-    q = torch.randn(args.batch_size, heads, args.seqlen, config.hidden_size // heads)
-
-    def products() -> None:
-        for a, w, o in zip(inputs, weights, outs, strict=True):
-            torch.mm(a, w, out=o)
-        F.scaled_dot_product_attention(q, q, q, is_causal=True)
-
     with torch.inference_mode():
-        floor = bare(products, args.repeats)
+        # the floor: the block's products alone (its linear layers and causal attention), as bench_floor's
+        layers = find_layers(block)
+        linear, attention = forward_floor(
+            layers, list(layers), config, args.seqlen, args.batch_size, 1, repeat=args.repeats
+        )
+        floor = sum(linear.values()) + attention
         eager_out = run_block(block, x, kwargs)
         eager = bare(lambda: run_block(block, x, kwargs), args.repeats)
         compiled_block = torch.compile(block, dynamic=args.dynamic)

@@ -43,6 +43,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -52,6 +53,9 @@ WIKITEXT = ROOT.parent / "shared" / "data" / "wikitext2" / "wiki.valid.raw"
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 CATEGORIES = ("forward", "hessian", "solve", "error stats", "shard I/O", "hashing", "weights", "overhead")
 
@@ -133,6 +137,33 @@ def bare(fn: Callable[[], object], repeat: int = 5) -> float:
     return min(times)
 
 
+def forward_floor(
+    layers: dict[str, torch.nn.Module],
+    order: list[str],
+    config: PretrainedConfig,
+    seqlen: int,
+    batch: int,
+    batches: int,
+    x: dict[str, torch.Tensor] | None = None,
+    repeat: int = 5,
+) -> tuple[dict[str, float], float]:
+    """Floor seconds of a forward's products over ``batches`` batches of ``batch`` x ``seqlen``: each linear
+    layer of ``order`` (its input ``x[name]``, random where not given) and causal attention, each timed by
+    `bare` (least of ``repeat`` calls). Products go into buffers made once: the floor is the arithmetic, not
+    the allocator's page faults."""
+    from stages.model.blocks import get_weight
+
+    w = {name: get_weight(layers[name]).detach().t() for name in order}
+    if x is None:
+        x = {name: torch.randn(batch * seqlen, w[name].shape[0]) for name in order}
+    out = {name: torch.empty(batch * seqlen, w[name].shape[1]) for name in order}
+    linear = {n: bare(lambda n=n: [torch.mm(x[n], w[n], out=out[n]) for _ in range(batches)], repeat) for n in order}
+    heads = config.num_attention_heads
+    q = torch.randn(batch, heads, seqlen, config.hidden_size // heads)
+    attention = bare(lambda: [F.scaled_dot_product_attention(q, q, q, is_causal=True) for _ in range(batches)], repeat)
+    return linear, attention
+
+
 def block_floor(model_dir: Path, nsamples: int, seqlen: int, batch: int, blocksize: int) -> dict[str, float]:
     """Floor seconds of one block (block 0's shapes): forward pass (all layers), forward without the last
     layer, hessian, solve."""
@@ -144,7 +175,6 @@ def block_floor(model_dir: Path, nsamples: int, seqlen: int, batch: int, blocksi
     block = load_block(model_dir, 0, "cpu", torch.float32)
     layers = find_layers(block)
     config = load_config(model_dir)
-    hidden = config.hidden_size
     batches = nsamples // batch
     # the forward order and the distinct inputs, from one pass of a real collector over a random batch
     collector = HessianCollector(layers, diagonal=True, stop_early=False)
@@ -159,13 +189,7 @@ def block_floor(model_dir: Path, nsamples: int, seqlen: int, batch: int, blocksi
     collector.close()
     order = collector.order
     x = {name: torch.randn(batch * seqlen, get_weight(layers[name]).shape[1]) for name in order}
-    # products into buffers made once: the floor is the arithmetic, not the allocator's page faults
-    w = {name: get_weight(layers[name]).detach().t() for name in order}
-    out = {name: torch.empty(batch * seqlen, w[name].shape[1]) for name in order}
-    linear = {name: bare(lambda n=name: [torch.mm(x[n], w[n], out=out[n]) for _ in range(batches)]) for name in order}
-    heads = config.num_attention_heads
-    q = torch.randn(batch, heads, seqlen, hidden // heads)
-    attention = bare(lambda: [F.scaled_dot_product_attention(q, q, q, is_causal=True) for _ in range(batches)])
+    linear, attention = forward_floor(layers, order, config, seqlen, batch, batches, x)
     forward = sum(linear.values()) + attention
     owners = sorted({collector.owner[name] for name in order})
 
