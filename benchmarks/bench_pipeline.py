@@ -41,6 +41,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # for tests.conftest's tiny tokenizer when run as a script
 # Perplexities of the authors' own code on this setting (dense, 50%, 2:4), as measured for the issue.
 AUTHORS = {"dense": 29.19, "50%": 50.83, "2:4": 82.73}
+SETTINGS = (("50%", ["--sparsity", "0.5"]), ("2:4", ["--nm", "2:4"]))
+"""The quality and seeds parts' settings: a label and its prune options (the same for the yardstick)."""
 
 
 def timed_process(cmd: list[str], log: Path) -> tuple[float, float, str]:
@@ -71,25 +73,9 @@ def quality(args: argparse.Namespace, work: Path) -> None:
     from stages.model.checkpoint import resolve_model
 
     model_dir = resolve_model("smollm2-135m")
-    settings = (("50%", ["--sparsity", "0.5"]), ("2:4", ["--nm", "2:4"]))
-    for label, opt in (s for s in settings if args.setting in ("both", s[0])):
+    for label, opt in (s for s in SETTINGS if args.setting in ("both", s[0])):
         ours = {mode: _ours(args, work, label, opt, mode, calib, evals, common + windows) for mode in args.modes}
-        base_opt = ["--nm", "2:4"] if label == "2:4" else ["--sparsity", "0.5"]
-        cmd = [
-            sys.executable,
-            "-m",
-            "benchmarks.baseline_authors",
-            str(model_dir),
-            "--calib",
-            calib,
-            "--eval",
-            evals,
-            *common,
-            *windows,
-            *base_opt,
-        ]
-        bwall, brss, out = timed_process(cmd, work / f"base-{label[:2]}.log")
-        b = json.loads(out.strip().splitlines()[-1])
+        bwall, brss, b = _yardstick(model_dir, calib, evals, [*common, *windows, *opt], work / f"base-{label[:2]}.log")
         stages = " ".join(f"{k} {v:.0f}" for k, v in b["seconds"].items())
         print(
             f"{label:<8} {'yardstick':<10} {b['dense_ppl']:7.2f} {b['ppl']:8.2f} {AUTHORS[label]:8.2f} {bwall:8.1f} "
@@ -104,6 +90,19 @@ def quality(args: argparse.Namespace, work: Path) -> None:
             )
 
 
+def _yardstick(model_dir: Path, calib: str, evals: str, extra: list[str], log: Path) -> tuple[float, float, dict]:
+    """`baseline_authors.py` on ``model_dir`` as its own process: (wall s, peak MiB, its JSON result line)."""
+    cmd = [sys.executable, "-m", "benchmarks.baseline_authors", str(model_dir), "--calib", calib, "--eval", evals]
+    wall, rss, out = timed_process(cmd + extra, log)
+    return wall, rss, json.loads(out.strip().splitlines()[-1])
+
+
+def _prune_cmd(calib: str, opt: list[str], mode: str) -> list[str]:
+    """This project's `sparsegpt prune` of SmolLM2-135M with ``opt`` in ``mode`` (default or sequential)."""
+    cmd = [sys.executable, "-m", "flows.cli", "prune", "smollm2-135m", "--calib", calib, "--no-progress", *opt]
+    return cmd + (["--sequential"] if mode == "sequential" else [])
+
+
 def _ours(
     args: argparse.Namespace, work: Path, label: str, opt: list[str], mode: str, calib: str, evals: str, common: list
 ) -> tuple[float, float, float, float]:
@@ -112,8 +111,7 @@ def _ours(
     wall less its evaluation timings: the evaluate task also loads models and tokenizes the windows).
     Prints their line; returns (wall with evaluation, peak MiB, pruned ppl, wall without evaluation)."""
     name = f"{label.replace(':', '-').replace('%', '')}-{mode}"
-    base = [sys.executable, "-m", "flows.cli", "prune", "smollm2-135m", "--calib", calib, "--no-progress"]
-    base += ["--no-cache", *common, *opt] + (["--sequential"] if mode == "sequential" else [])
+    base = _prune_cmd(calib, ["--no-cache", *common, *opt], mode)
     run_dir = work / f"run-{name}"
     cmd = base + ["--run-dir", str(run_dir), "--eval", evals]  # each evaluates the dense model itself
     wall, rss, _ = timed_process(cmd, work / f"ours-{name}.log")
@@ -212,21 +210,16 @@ def seeds(args: argparse.Namespace, work: Path) -> None:
         f"SmolLM2-135M, calib {args.nsamples}x{args.seqlen} WikiText-2 valid by seed, eval WikiText-2 test "
         f"{args.eval_windows or 'all'} windows x {args.seqlen}, CPU; pruned perplexity"
     )
-    settings = (("50%", ["--sparsity", "0.5"]), ("2:4", ["--nm", "2:4"]))
-    for label, opt in (s for s in settings if args.setting in ("both", s[0])):
+    for label, opt in (s for s in SETTINGS if args.setting in ("both", s[0])):
         print(f"{'setting':<8} {'seed':>4} {'yardstick':>10} " + " ".join(f"{m:>10} {'ratio':>7}" for m in args.modes))
         ratios: dict[str, list[float]] = {mode: [] for mode in args.modes}
         for seed in args.seeds:
-            cmd = [sys.executable, "-m", "benchmarks.baseline_authors", str(model_dir), "--calib", calib]
-            cmd += ["--eval", evals, "--seed", str(seed), *common, *opt]
-            _, _, out = timed_process(cmd, work / f"seed-base-{seed}.log")
-            base = json.loads(out.strip().splitlines()[-1])["ppl"]
+            seeded = ["--seed", str(seed), *common, *opt]
+            base = _yardstick(model_dir, calib, evals, seeded, work / f"seed-base-{seed}.log")[2]["ppl"]
             line = f"{label:<8} {seed:>4} {base:10.2f}"
             for mode in args.modes:
                 run_dir = work / f"seed-{label.replace(':', '-').replace('%', '')}-{mode}-{seed}"
-                cmd = [sys.executable, "-m", "flows.cli", "prune", "smollm2-135m", "--calib", calib, "--no-progress"]
-                cmd += ["--run-dir", str(run_dir), "--eval", evals, "--seed", str(seed), *common, *opt]
-                cmd += ["--sequential"] if mode == "sequential" else []
+                cmd = _prune_cmd(calib, ["--run-dir", str(run_dir), "--eval", evals, *seeded], mode)
                 timed_process(cmd, work / f"{run_dir.name}.log")
                 ppl = json.loads((run_dir / "eval" / "metrics.json").read_text())["wikitext2"]["ppl"]
                 ratios[mode].append(ppl / base)
